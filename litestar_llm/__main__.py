@@ -1,0 +1,5 @@
+import sys
+
+from litestar_llm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,219 @@
+"""server.toml, typed by msgspec Structs and validated once at start-up.
+
+Every error names the TOML path of the bad field (`models[0].backend: no backend 'gpu' (declared: local)`).
+`${VAR}` (or `${VAR:-default}`) in any string expands from the environment, so secrets never sit in the file.
+The environment layer (`LITESTAR_LLM_*`) lives in `settings.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+import msgspec
+from msgspec import Meta
+
+from litestar_llm.errors import ConfigError
+
+
+class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of every table: unknown keys are errors, not silently ignored typos."""
+
+
+Port = Annotated[int, Meta(ge=0, le=65535)]
+Positive = Annotated[int, Meta(ge=1)]
+
+
+class ServerConfig(Section):
+    host: str = "127.0.0.1"
+    port: Port = 8000
+    workers: Positive = 1
+    """granian worker processes; each loads its own copy of every model."""
+    plugins: list[str] = []
+    """Extra Litestar plugins by import path (`"plugins.audit:AuditPlugin"`), relative to server.toml's folder."""
+    max_request_bytes: Positive = 8 * 1024 * 1024
+    """Bodies above this answer 413."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    cors_origins: list[str] = []
+
+
+class RoutesConfig(Section):
+    """API dialects (route sets) on or off; a route set that is off is not mounted at all."""
+
+    openai: bool = True
+
+
+class MLXBackendConfig(Section, tag="mlx", tag_field="kind"):
+    """mlx-lm in this process: one generation thread per model, continuous batching via BatchGenerator."""
+
+    kind: ClassVar[str] = "mlx"
+
+    max_batch_size: Positive = 32
+    """Sequences decoded together in one step; more requests wait for a free slot."""
+    prefill_batch_size: Positive = 16
+    """Prompts prefilled together when they arrive at once."""
+    prefill_step_size: Positive = 2048
+    """Prompt tokens per prefill chunk: longer prompts are processed in chunks between decode steps."""
+
+
+BackendConfig = MLXBackendConfig
+BACKEND_KINDS = ("mlx",)
+
+
+class SamplingDefaults(Section):
+    """A model's default sampling parameters; a request's own values win."""
+
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Meta(ge=0)] | None = None
+    min_p: Annotated[float, Meta(ge=0, le=1)] | None = None
+    max_tokens: Positive | None = None
+    seed: int | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0)] | None = None
+    stop: list[str] | None = None
+
+
+class ModelConfig(Section):
+    name: str
+    """The id clients send."""
+    backend: str
+    """A key of [backends]."""
+    source: str
+    """A local folder (relative to server.toml) or a Hugging Face repo id."""
+    aliases: list[str] = []
+    defaults: SamplingDefaults = msgspec.field(default_factory=SamplingDefaults)
+
+
+class Settings(Section):
+    """The whole server.toml."""
+
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    routes: RoutesConfig = msgspec.field(default_factory=RoutesConfig)
+    backends: dict[str, BackendConfig] = {}
+    models: list[ModelConfig] = []
+
+
+# Tables keyed by a user-chosen name: validated entry by entry so errors name the key (`backends.local.kind`).
+NAMED_TABLES: dict[str, tuple[type, tuple[str, ...]]] = {"backends": (BackendConfig, BACKEND_KINDS)}
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def expand_env(value: Any, path: str = "", environ: os._Environ | dict | None = None) -> Any:
+    """Expand `${VAR}` / `${VAR:-default}` in every string; a variable that is not set is an error naming it."""
+    env = os.environ if environ is None else environ
+    if isinstance(value, str):
+
+        def replace(match: re.Match) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(path, f"environment variable {name} is not set")
+
+        return _VAR.sub(replace, value)
+    if isinstance(value, dict):
+        return {k: expand_env(v, _join(path, k), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _convert(data: Any, type_: type, prefix: str) -> Any:
+    """msgspec.convert, with its error turned into `toml.path: what was expected`."""
+    try:
+        return msgspec.convert(data, type_)
+    except msgspec.ValidationError as exc:
+        raise _config_error(str(exc), prefix) from None
+
+
+def _config_error(message: str, prefix: str) -> ConfigError:
+    text, _, at = message.partition(" - at `$")
+    path = prefix + at.rstrip("`") if at else prefix
+    if m := re.match(r"Object contains unknown field `(.+)`", text):
+        return ConfigError(_join(path.lstrip("."), m.group(1)), "unknown field")
+    if m := re.match(r"Object missing required field `(.+)`", text):
+        return ConfigError(_join(path.lstrip("."), m.group(1)), "required field is missing")
+    text = text.replace("`", "")
+    return ConfigError(path.lstrip("."), text[:1].lower() + text[1:])
+
+
+def _is_local_path(source: str, base_dir: Path) -> bool:
+    if source.startswith((".", "/", "~")) or (base_dir / source).exists():
+        return True
+    return not _HUB_ID.match(source)
+
+
+def parse_settings(data: dict, base_dir: Path) -> Settings:
+    """Validate a server.toml document that has already been read and had `${VAR}`s expanded."""
+    for table, (type_, kinds) in NAMED_TABLES.items():
+        for name, entry in (data.get(table) or {}).items():
+            where = f"{table}.{name}"
+            if isinstance(entry, dict) and "kind" in entry and entry["kind"] not in kinds:
+                raise ConfigError(f"{where}.kind", f"unknown kind {entry['kind']!r} (one of: {', '.join(kinds)})")
+            if isinstance(entry, dict) and "kind" not in entry and kinds:
+                raise ConfigError(f"{where}.kind", f"required field is missing (one of: {', '.join(kinds)})")
+            _convert(entry, type_, where)
+    settings = _convert(data, Settings, "")
+    _check_models(settings, base_dir)
+    return settings
+
+
+def _check_models(settings: Settings, base_dir: Path) -> None:
+    if not settings.models:
+        raise ConfigError("models", "no [[models]] declared: declare at least one model")
+    seen: dict[str, str] = {}
+    for i, model in enumerate(settings.models):
+        where = f"models[{i}]"
+        if model.backend not in settings.backends:
+            declared = ", ".join(settings.backends) or "none"
+            raise ConfigError(f"{where}.backend", f"no backend {model.backend!r} (declared: {declared})")
+        for j, name in enumerate([model.name, *model.aliases]):
+            field = f"{where}.name" if j == 0 else f"{where}.aliases[{j - 1}]"
+            if not name:
+                raise ConfigError(field, "must not be empty")
+            if name in seen:
+                raise ConfigError(field, f"{name!r} is already used by {seen[name]}")
+            seen[name] = where
+        if _is_local_path(model.source, base_dir):
+            folder = (base_dir / Path(model.source).expanduser()).resolve()
+            if not folder.is_dir():
+                raise ConfigError(f"{where}.source", f"no model folder at {folder}")
+            model.source = str(folder)
+
+
+def read_toml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError("", f"config file not found: {path}")
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{path} is not valid TOML: {exc}") from None
+
+
+SECRET_FIELDS = frozenset({"key", "api_key", "password", "token", "secret"})
+
+
+def masked(value: Any, field: str = "") -> Any:
+    """A plain copy of the settings with secrets replaced, for printing."""
+    if isinstance(value, msgspec.Struct):
+        value = msgspec.to_builtins(value)
+    if isinstance(value, dict):
+        return {k: masked(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [masked(v, field) for v in value]
+    if isinstance(value, str):
+        if field in SECRET_FIELDS and value:
+            return "****"
+        return re.sub(r"(://[^:/@]*:)[^@/]+@", r"\1****@", value)  # passwords inside URLs
+    return value

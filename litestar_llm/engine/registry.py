@@ -1,0 +1,106 @@
+"""Model name → engine. Loads every declared model at start-up, closes them at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+import msgspec
+from litestar import Litestar
+from litestar.config.app import AppConfig
+from litestar.di import Provide
+from litestar.plugins import InitPlugin
+
+from litestar_llm.config import ModelConfig, SamplingDefaults, Settings
+from litestar_llm.engine.base import Engine
+from litestar_llm.engine.types import GenerationRequest
+from litestar_llm.errors import ModelNotFoundError
+
+logger = logging.getLogger(__name__)
+
+# Backend kind → engine class, imported only when a model uses it (mlx, vllm are optional installs).
+ENGINE_CLASSES = {"mlx": "litestar_llm.engine.mlx:MLXEngine"}
+
+
+def engine_class(kind: str) -> type[Engine]:
+    module, _, name = ENGINE_CLASSES[kind].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class EngineRegistry:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._engines: dict[str, Engine] = {}
+        self._by_name: dict[str, tuple[Engine, ModelConfig]] = {}
+
+    def build(self) -> None:
+        for model in self._settings.models:
+            backend = self._settings.backends[model.backend]
+            engine = engine_class(backend.kind)(model, backend, model.backend)
+            self._engines[model.name] = engine
+            for name in (model.name, *model.aliases):
+                self._by_name[name] = (engine, model)
+
+    async def start(self) -> None:
+        if not self._engines:
+            self.build()
+        # Models load concurrently: each engine loads on its own thread.
+        await asyncio.gather(*(engine.start() for engine in self._engines.values()))
+        logger.info("models ready: %s", ", ".join(self._engines))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(engine.close() for engine in self._engines.values()), return_exceptions=True)
+
+    def resolve(self, name: str) -> tuple[Engine, ModelConfig]:
+        """The engine serving `name` (a model name or alias) and its config; unknown names raise 404."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise ModelNotFoundError(name) from None
+
+    def __iter__(self) -> Iterator[tuple[str, Engine]]:
+        return iter(self._engines.items())
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._engines) and all(engine.ready for engine in self._engines.values())
+
+
+def apply_defaults(request: GenerationRequest, defaults: SamplingDefaults, given: set[str]) -> GenerationRequest:
+    """Fill sampling fields the client did not send (`given`) from the model's [models.defaults]."""
+    changes = {
+        field: value
+        for field in defaults.__struct_fields__
+        if (value := getattr(defaults, field)) is not None and field not in given
+    }
+    if not changes:
+        return request
+    return msgspec.structs.replace(request, sampling=msgspec.structs.replace(request.sampling, **changes))
+
+
+class EngineRegistryPlugin(InitPlugin):
+    """Builds the registry, loads the models in the app's lifespan and provides `registry` to handlers."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.registry = EngineRegistry(settings)
+
+    def on_app_init(self, app_config: AppConfig) -> AppConfig:
+        self.registry.build()
+        app_config.dependencies["registry"] = Provide(self._provide, use_cache=True, sync_to_thread=False)
+        app_config.lifespan.append(self._lifespan)
+        app_config.state["registry"] = self.registry
+        return app_config
+
+    def _provide(self) -> EngineRegistry:
+        return self.registry
+
+    @asynccontextmanager
+    async def _lifespan(self, _app: Litestar) -> AsyncIterator[None]:
+        try:
+            await self.registry.start()
+            yield
+        finally:
+            await self.registry.close()

@@ -1,0 +1,64 @@
+"""One exception root; each dialect maps these to its own error shape in one place."""
+
+from __future__ import annotations
+
+
+class LitestarLLMError(Exception):
+    """Root of every error this package raises on purpose."""
+
+    status_code = 500
+
+
+class ConfigError(LitestarLLMError):
+    """server.toml (or the environment layered over it) is invalid. `path` is the TOML path of the bad field."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class InvalidRequestError(LitestarLLMError):
+    """The client sent something we cannot serve: a dialect answers 400 with `param` naming the field."""
+
+    status_code = 400
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        self.message = message
+        self.param = param
+        super().__init__(message)
+
+
+class ModelNotFoundError(LitestarLLMError):
+    status_code = 404
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.message = f"The model '{model}' does not exist"
+        super().__init__(self.message)
+
+
+class EngineUnavailableError(LitestarLLMError):
+    """The model's engine is not loaded or has stopped: 503, the client may retry later."""
+
+    status_code = 503
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+
+class ModelLoadError(LitestarLLMError):
+    """A declared model could not be loaded: start-up stops with this one readable line."""
+
+    def __init__(self, model: str, source: str, reason: str) -> None:
+        self.message = f"model '{model}' could not be loaded from {source}: {reason}"
+        super().__init__(self.message)
+
+
+class MissingDependencyError(LitestarLLMError, ImportError):
+    """An optional dependency is needed for a configured feature; the message names the extra to install."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        self.message = f"'{package}' is not installed: pip install 'litestar-llm[{extra}]'"
+        super().__init__(self.message)

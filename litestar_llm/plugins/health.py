@@ -1,0 +1,27 @@
+"""`GET /health`: the process answers. `GET /ready`: every model is loaded and its engine is running."""
+
+from __future__ import annotations
+
+from litestar import Response, get
+from litestar.config.app import AppConfig
+from litestar.plugins import InitPlugin
+
+from litestar_llm.engine.registry import EngineRegistry
+
+
+@get("/health", opt={"exclude_from_auth": True}, include_in_schema=False)
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/ready", opt={"exclude_from_auth": True}, include_in_schema=False)
+async def ready(registry: EngineRegistry) -> Response[dict]:
+    models = {name: {"ready": engine.ready, **engine.stats()} for name, engine in registry}
+    ok = registry.ready
+    return Response({"status": "ready" if ok else "loading", "models": models}, status_code=200 if ok else 503)
+
+
+class HealthPlugin(InitPlugin):
+    def on_app_init(self, app_config: AppConfig) -> AppConfig:
+        app_config.route_handlers.extend([health, ready])
+        return app_config

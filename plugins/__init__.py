@@ -1,0 +1,1 @@
+"""Deployment plugins: Litestar plugins this deployment adds, listed by import path in [server] plugins."""

@@ -1,0 +1,69 @@
+"""An audit trail: one JSON line per API request (who, what model, status, duration), never the prompt.
+
+    [server]
+    plugins = ["plugins.audit:AuditPlugin"]
+
+Lines go to the `litestar_llm.audit` logger, so they land wherever the server's logs go; set
+`AUDIT_LOG_FILE` to also append them to a file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from litestar.config.app import AppConfig
+from litestar.enums import ScopeType
+from litestar.middleware import ASGIMiddleware
+from litestar.plugins import InitPlugin
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger("litestar_llm.audit")
+
+
+class AuditMiddleware(ASGIMiddleware):
+    scopes = (ScopeType.HTTP,)
+    exclude_path_pattern = ("^/health$", "^/ready$", "^/metrics$")
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await next_app(scope, receive, send_wrapper)
+        finally:
+            auth = scope.get("state", {}).get("api_key_name")  # set by the auth plugin when one is installed
+            line = json.dumps(
+                {
+                    "ts": round(time.time(), 3),
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                    "key": auth,
+                    "client": (scope.get("client") or ("", 0))[0],
+                }
+            )
+            logger.info(line)
+
+
+class AuditPlugin(InitPlugin):
+    def __init__(self, path: str | None = None) -> None:
+        path = path if path is not None else os.environ.get("AUDIT_LOG_FILE")
+        logger.setLevel(logging.INFO)
+        if path and not any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in logger.handlers):
+            handler = logging.FileHandler(path, encoding="utf-8")
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+
+    def on_app_init(self, app_config: AppConfig) -> AppConfig:
+        app_config.middleware.append(AuditMiddleware())
+        return app_config

@@ -1,0 +1,139 @@
+"""Fixtures for real resources: a tiny generated model, a real server under granian, real clients."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # examples/ is a folder of scripts, importable from the repository root
+
+from examples.make_tiny_model import make_tiny_model  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 256-wide, 4-layer random llama with a trained BPE tokenizer and a ChatML template."""
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def model_toml(path: Path, name: str = "tiny", backend: str = "local", defaults: str = "") -> str:
+    block = f'[[models]]\nname = "{name}"\nbackend = "{backend}"\nsource = "{path}"\naliases = ["{name}:latest"]\n'
+    return block + (f"[models.defaults]\n{defaults}\n" if defaults else "")
+
+
+class Server:
+    """`litestar-llm serve` in a subprocess, exactly as a user runs it."""
+
+    def __init__(self, config: Path, port: int, env: dict[str, str] | None = None) -> None:
+        self.config, self.port = config, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = config.with_suffix(".log")
+        self._log_file = self.log.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "litestar_llm", "serve", "--config", str(config), "--port", str(port)],
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=config.parent,
+        )
+
+    def wait_ready(self, timeout: float = 120) -> Server:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log.read_text()}")
+
+    def stats(self, model: str = "tiny") -> dict:
+        return httpx.get(f"{self.url}/ready", timeout=5).json()["models"][model]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log_file.close()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
+    """Start a server from a server.toml text; every server started is stopped at the end of the session."""
+    servers: list[Server] = []
+
+    def start(toml: str, env: dict[str, str] | None = None, wait: bool = True) -> Server:
+        folder = tmp_path_factory.mktemp("server")
+        config = folder / "server.toml"
+        config.write_text(toml)  # TOML ignores indentation, so tests may indent freely
+        server = Server(config, free_port(), env)
+        servers.append(server)
+        return server.wait_ready() if wait else server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server: Callable[..., Server], tiny_model: Path) -> Server:
+    """The shared server: the OpenAI dialect over the tiny MLX model."""
+    return start_server(
+        f"""
+        [server]
+        max_request_bytes = 65536
+
+        [backends.local]
+        kind = "mlx"
+
+        {model_toml(tiny_model)}
+        """
+    )
+
+
+@pytest.fixture(scope="session")
+def openai_client(server: Server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def async_openai_client(server: Server):
+    import openai
+
+    return openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
