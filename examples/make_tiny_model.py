@@ -91,7 +91,9 @@ def _random_weights(config: dict, seed: int) -> dict:
     return weights
 
 
-def make_tiny_model(path: str | Path, *, hidden: int = 256, layers: int = 4, vocab_size: int = 2048, seed: int = 0) -> Path:
+def make_tiny_model(
+    path: str | Path, *, hidden: int = 256, layers: int = 4, vocab_size: int = 2048, seed: int = 0
+) -> Path:
     """Write the model to `path` (skipped when a model is already there) and return the path."""
     from safetensors.numpy import save_file
 

@@ -17,7 +17,9 @@ EXIT_CONFIG = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="litestar-llm", description="An LLM inference server configured by server.toml.")
+    parser = argparse.ArgumentParser(
+        prog="litestar-llm", description="An LLM inference server configured by server.toml."
+    )
     parser.add_argument("--version", action="version", version=f"litestar-llm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 

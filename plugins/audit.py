@@ -57,13 +57,16 @@ class AuditMiddleware(ASGIMiddleware):
 
 class AuditPlugin(InitPlugin):
     def __init__(self, path: str | None = None) -> None:
-        path = path if path is not None else os.environ.get("AUDIT_LOG_FILE")
-        logger.setLevel(logging.INFO)
-        if path and not any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in logger.handlers):
-            handler = logging.FileHandler(path, encoding="utf-8")
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            logger.addHandler(handler)
+        self.path = path if path is not None else os.environ.get("AUDIT_LOG_FILE")
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         app_config.middleware.append(AuditMiddleware())
+        app_config.on_startup.append(self._attach_file)  # after the app's logging config, which resets handlers
         return app_config
+
+    def _attach_file(self) -> None:
+        logger.setLevel(logging.INFO)
+        if self.path:
+            handler = logging.FileHandler(self.path, encoding="utf-8")
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)

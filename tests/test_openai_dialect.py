@@ -7,7 +7,6 @@ import json
 import httpx
 import openai
 import pytest
-
 import schemas
 
 HELLO = [{"role": "user", "content": "Tell me about JSON."}]
@@ -57,7 +56,9 @@ def test_max_tokens_gives_length(openai_client: openai.OpenAI) -> None:
 
 def test_chat_stream_matches_non_stream(openai_client: openai.OpenAI) -> None:
     whole = greedy_chat(openai_client, max_tokens=16, seed=1)
-    chunks = list(greedy_chat(openai_client, max_tokens=16, seed=1, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        greedy_chat(openai_client, max_tokens=16, seed=1, stream=True, stream_options={"include_usage": True})
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
@@ -82,7 +83,9 @@ def test_stream_chunks_and_bodies_follow_openapi(server) -> None:
     for event in events:
         schemas.openai("CreateChatCompletionStreamResponse", event)
 
-    text = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "The", "max_tokens": 5}, timeout=30)
+    text = httpx.post(
+        f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "The", "max_tokens": 5}, timeout=30
+    )
     schemas.openai("CreateCompletionResponse", text.json())
     events = sse_events(
         httpx.post(
@@ -143,15 +146,20 @@ def test_stop_strings_cut_exactly(openai_client: openai.OpenAI) -> None:
 
 def test_seeded_sampling_is_reproducible(openai_client: openai.OpenAI) -> None:
     def sample(seed: int) -> str:
-        return openai_client.chat.completions.create(
-            model="tiny", messages=HELLO, temperature=1.0, top_p=0.9, seed=seed, max_tokens=20
-        ).choices[0].message.content
+        return (
+            openai_client.chat.completions.create(
+                model="tiny", messages=HELLO, temperature=1.0, top_p=0.9, seed=seed, max_tokens=20
+            )
+            .choices[0]
+            .message.content
+        )
 
     assert sample(7) == sample(7)
     assert len({sample(7), sample(8), sample(9)}) > 1  # the seed matters: different seeds give different text
-    assert greedy_chat(openai_client, max_tokens=20).choices[0].message.content == greedy_chat(
-        openai_client, max_tokens=20, seed=123
-    ).choices[0].message.content
+    assert (
+        greedy_chat(openai_client, max_tokens=20).choices[0].message.content
+        == greedy_chat(openai_client, max_tokens=20, seed=123).choices[0].message.content
+    )
 
 
 def test_logprobs(openai_client: openai.OpenAI) -> None:
@@ -177,7 +185,9 @@ def test_n_choices(openai_client: openai.OpenAI) -> None:
     assert len({c.message.content for c in completion.choices}) > 1
     assert completion.usage.completion_tokens == sum(8 for _ in completion.choices)
     chunks = list(
-        openai_client.chat.completions.create(model="tiny", messages=HELLO, n=2, max_tokens=5, temperature=0, stream=True)
+        openai_client.chat.completions.create(
+            model="tiny", messages=HELLO, n=2, max_tokens=5, temperature=0, stream=True
+        )
     )
     texts = {0: "", 1: ""}
     for c in chunks:

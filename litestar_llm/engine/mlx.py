@@ -66,8 +66,18 @@ class _Sequence:
     """One request's state, shared between the event loop (queue) and the generation thread (the rest)."""
 
     __slots__ = (
-        "request", "prompt", "max_tokens", "queue", "uid", "detokenizer", "stops", "completion_tokens",
-        "submitted", "prompt_started", "first_token", "finished",
+        "completion_tokens",
+        "detokenizer",
+        "finished",
+        "first_token",
+        "max_tokens",
+        "prompt",
+        "prompt_started",
+        "queue",
+        "request",
+        "stops",
+        "submitted",
+        "uid",
     )  # fmt: skip
 
     def __init__(self, request: GenerationRequest, prompt: list[int], max_tokens: int) -> None:
@@ -236,6 +246,7 @@ class MLXEngine(Engine):
                         sequence.prompt_started = step_started
                 if responses:
                     self._emit(generator, active, responses)
+                    self._count_load(active)
         finally:
             generator.close()
             self._fail_all(EngineUnavailableError(f"model '{self.info.name}' is shutting down"), active)
@@ -256,9 +267,12 @@ class MLXEngine(Engine):
                 generator.remove([sequence.uid])
                 del active[sequence.uid]
                 sequence.finished = True
+        self._count_load(active)
+        return True
+
+    def _count_load(self, active: dict[int, _Sequence]) -> None:
         self._running = min(len(active), self.backend.max_batch_size)
         self._waiting = len(active) - self._running
-        return True
 
     def _insert(self, generator: BatchGenerator, active: dict[int, _Sequence], sequence: _Sequence) -> None:
         sampling = sequence.request.sampling
@@ -392,6 +406,5 @@ def _parameter_count(folder: Path) -> int | None:
     total = 0
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), framework="numpy") as f:
-            total += sum(prod(f.get_slice(name).get_shape()) for name in f.keys())
+            total += sum(prod(f.get_slice(name).get_shape()) for name in f)
     return total or None
-

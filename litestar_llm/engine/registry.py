@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -17,9 +19,11 @@ from litestar.plugins import InitPlugin
 from litestar_llm.config import ModelConfig, SamplingDefaults, Settings
 from litestar_llm.engine.base import Engine
 from litestar_llm.engine.types import GenerationRequest
-from litestar_llm.errors import ModelNotFoundError
+from litestar_llm.errors import ModelLoadError, ModelNotFoundError
 
 logger = logging.getLogger(__name__)
+
+EXIT_MODEL_LOAD = 3
 
 # Backend kind → engine class, imported only when a model uses it (mlx, vllm are optional installs).
 ENGINE_CLASSES = {"mlx": "litestar_llm.engine.mlx:MLXEngine"}
@@ -100,7 +104,13 @@ class EngineRegistryPlugin(InitPlugin):
     @asynccontextmanager
     async def _lifespan(self, _app: Litestar) -> AsyncIterator[None]:
         try:
-            await self.registry.start()
+            try:
+                await self.registry.start()
+            except ModelLoadError as exc:
+                # One readable line instead of a lifespan traceback; granian sees the worker exit and stops.
+                print(f"litestar-llm: {exc}", file=sys.stderr, flush=True)
+                await self.registry.close()
+                os._exit(EXIT_MODEL_LOAD)
             yield
         finally:
             await self.registry.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 class StopStringMatcher:
     """Feed text pieces; get back what is safe to emit now. Text that could be the start of a stop is held back."""
 
-    __slots__ = ("_stops", "_held", "stopped")
+    __slots__ = ("_held", "_stops", "stopped")
 
     def __init__(self, stops: list[str]) -> None:
         self._stops = [s for s in stops if s]

@@ -16,8 +16,15 @@ from litestar_llm.errors import InvalidRequestError, LitestarLLMError, ModelNotF
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
-          413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}  # fmt: skip
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "server_error",
+}
 _CODES = {404: "model_not_found", 413: "request_too_large", 429: "rate_limit_exceeded"}
 
 
@@ -43,7 +50,11 @@ def error_body(exc: BaseException) -> tuple[int, wire.ErrorResponse]:
     if isinstance(exc, LitestarLLMError):
         status = exc.status_code
         message = getattr(exc, "message", str(exc))
-        param = exc.param if isinstance(exc, InvalidRequestError) else ("model" if isinstance(exc, ModelNotFoundError) else None)
+        param = (
+            exc.param
+            if isinstance(exc, InvalidRequestError)
+            else ("model" if isinstance(exc, ModelNotFoundError) else None)
+        )
     elif isinstance(exc, HTTPException):
         status, message, param = exc.status_code, exc.detail, None
         if status == 413:
@@ -52,7 +63,9 @@ def error_body(exc: BaseException) -> tuple[int, wire.ErrorResponse]:
         logger.error("unhandled error", exc_info=exc)
         status, message, param = 500, "internal server error", None
     error_type = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return status, wire.ErrorResponse(wire.Error(message=message, type=error_type, param=param, code=_CODES.get(status)))
+    return status, wire.ErrorResponse(
+        wire.Error(message=message, type=error_type, param=param, code=_CODES.get(status))
+    )
 
 
 def handle(_: Request, exc: Exception) -> Response[bytes]:

@@ -66,7 +66,7 @@ async def list_models(registry: EngineRegistry) -> Response[bytes]:
 @get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, registry: EngineRegistry) -> Response[bytes]:
     model_id = model_id.lstrip("/")
-    engine, config = registry.resolve(model_id)
+    engine, _config = registry.resolve(model_id)
     return _json(wire.Model(id=model_id, created=engine.info.created, owned_by="litestar-llm"))
 
 
@@ -127,7 +127,9 @@ async def _chat_chunks(
             logprobs = wire.ChoiceLogprobs(content=[token_logprob(lp) for lp in delta.logprobs])
         if delta.text or delta.finish_reason or logprobs:
             content = wire.ChunkDelta(content=delta.text) if delta.text else wire.ChunkDelta()
-            yield chunk([wire.ChunkChoice(index=index, delta=content, finish_reason=delta.finish_reason, logprobs=logprobs)])
+            yield chunk(
+                [wire.ChunkChoice(index=index, delta=content, finish_reason=delta.finish_reason, logprobs=logprobs)]
+            )
         if delta.usage is not None:
             prompt_tokens[index // n] = delta.usage.prompt_tokens
             completion_tokens += delta.usage.completion_tokens
@@ -137,7 +139,9 @@ async def _chat_chunks(
             break
     if include_usage:
         prompt = sum(prompt_tokens.values())
-        usage = wire.Usage(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens)
+        usage = wire.Usage(
+            prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens
+        )
         yield _sse(wire.ChatCompletionChunk(id=response_id, created=created, model=model, choices=[], usage=usage))
     yield DONE
 
@@ -192,7 +196,9 @@ async def _completion_chunks(
         offsets[index] += len(delta.text)
         if delta.text or delta.finish_reason or logprobs:
             yield chunk(
-                wire.CompletionChoice(index=index, text=delta.text, finish_reason=delta.finish_reason, logprobs=logprobs)
+                wire.CompletionChoice(
+                    index=index, text=delta.text, finish_reason=delta.finish_reason, logprobs=logprobs
+                )
             )
         if delta.usage is not None:
             prompt_tokens[index // body.n] = delta.usage.prompt_tokens
@@ -203,7 +209,9 @@ async def _completion_chunks(
             break
     if include_usage:
         prompt = sum(prompt_tokens.values())
-        usage = wire.Usage(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens)
+        usage = wire.Usage(
+            prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens
+        )
         yield _sse(wire.Completion(id=response_id, created=created, model=body.model, choices=[], usage=usage))
     yield DONE
 

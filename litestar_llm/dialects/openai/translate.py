@@ -16,7 +16,7 @@ _DEFAULT_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
 
 
 def sampling_params(
-    body: wire.Request, defaults: SamplingDefaults, *, max_tokens: int | None | object, logprobs: int | None
+    body: wire.Request, defaults: SamplingDefaults, *, max_tokens: int | object | None, logprobs: int | None
 ) -> SamplingParams:
     """The request's values, else the model's defaults, else OpenAI's."""
 
@@ -125,7 +125,7 @@ def token_logprob(lp: TokenLogprob) -> wire.TokenLogprob:
 class ChoiceAccumulator:
     """Collects a choice's deltas for a non-streamed answer."""
 
-    __slots__ = ("texts", "finish_reason", "logprobs", "completion_tokens", "prompt_tokens")
+    __slots__ = ("completion_tokens", "finish_reason", "logprobs", "prompt_tokens", "texts")
 
     def __init__(self) -> None:
         self.texts: list[str] = []
@@ -149,7 +149,9 @@ class ChoiceAccumulator:
         return "".join(self.texts)
 
 
-async def accumulate(stream: AsyncIterator[tuple[int, Delta]], first: tuple[int, Delta]) -> dict[int, ChoiceAccumulator]:
+async def accumulate(
+    stream: AsyncIterator[tuple[int, Delta]], first: tuple[int, Delta]
+) -> dict[int, ChoiceAccumulator]:
     choices: dict[int, ChoiceAccumulator] = {}
     index, delta = first
     choices.setdefault(index, ChoiceAccumulator()).add(delta)

@@ -25,15 +25,15 @@ class Request(Struct, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    max_tokens: MaxTokens | None | UnsetType = UNSET
-    temperature: Temperature | None | UnsetType = UNSET
-    top_p: Probability | None | UnsetType = UNSET
-    top_k: Annotated[int, Meta(ge=-1)] | None | UnsetType = UNSET
-    min_p: Probability | None | UnsetType = UNSET
-    repetition_penalty: Annotated[float, Meta(gt=0)] | None | UnsetType = UNSET
+    max_tokens: MaxTokens | UnsetType | None = UNSET
+    temperature: Temperature | UnsetType | None = UNSET
+    top_p: Probability | UnsetType | None = UNSET
+    top_k: Annotated[int, Meta(ge=-1)] | UnsetType | None = UNSET
+    min_p: Probability | UnsetType | None = UNSET
+    repetition_penalty: Annotated[float, Meta(gt=0)] | UnsetType | None = UNSET
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    seed: int | None | UnsetType = UNSET
+    seed: int | UnsetType | None = UNSET
     n: ChoiceCount = 1
     user: str | None = None
 
@@ -60,7 +60,7 @@ class ResponseFormat(Struct, kw_only=True):
 
 class ChatCompletionRequest(Request, kw_only=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
-    max_completion_tokens: MaxTokens | None | UnsetType = UNSET
+    max_completion_tokens: MaxTokens | UnsetType | None = UNSET
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
@@ -142,7 +142,7 @@ class ChatCompletionChunk(Struct):
     model: str
     choices: list[ChunkChoice]
     object: str = "chat.completion.chunk"
-    usage: Usage | None | UnsetType = UNSET
+    usage: Usage | UnsetType | None = UNSET
 
 
 class CompletionLogprobs(Struct):
@@ -165,7 +165,7 @@ class Completion(Struct):
     model: str
     choices: list[CompletionChoice]
     object: str = "text_completion"
-    usage: Usage | None | UnsetType = UNSET
+    usage: Usage | UnsetType | None = UNSET
 
 
 class Model(Struct):
