@@ -13,6 +13,7 @@ from litestar.plugins import PluginProtocol
 
 from litestar_llm import __version__
 from litestar_llm.config import Settings
+from litestar_llm.dialects.ollama import OllamaRoutesPlugin
 from litestar_llm.dialects.openai import OpenAIRoutesPlugin
 from litestar_llm.engine.registry import EngineRegistryPlugin
 from litestar_llm.errors import ConfigError
@@ -47,6 +48,8 @@ def create_app(settings: Settings) -> Litestar:
     plugins: list[PluginProtocol] = [EngineRegistryPlugin(settings), HealthPlugin()]
     if settings.routes.openai:
         plugins.append(OpenAIRoutesPlugin())
+    if settings.routes.ollama:
+        plugins.append(OllamaRoutesPlugin())
     plugins.extend(deployment_plugins(settings))
     level = settings.server.log_level.upper()
     return Litestar(

@@ -44,6 +44,9 @@ class RoutesConfig(Section):
     """API dialects (route sets) on or off; a route set that is off is not mounted at all."""
 
     openai: bool = True
+    """/v1/models, /v1/chat/completions, /v1/completions"""
+    ollama: bool = False
+    """/, /api/generate, /api/chat, /api/tags, /api/show, /api/ps, /api/version, /api/embed"""
 
 
 class MLXBackendConfig(Section, tag="mlx", tag_field="kind"):
@@ -53,10 +56,12 @@ class MLXBackendConfig(Section, tag="mlx", tag_field="kind"):
 
     max_batch_size: Positive = 32
     """Sequences decoded together in one step; more requests wait for a free slot."""
-    prefill_batch_size: Positive = 16
+    prefill_batch_size: Positive = 3
     """Prompts prefilled together when they arrive at once."""
     prefill_step_size: Positive = 2048
     """Prompt tokens per prefill chunk: longer prompts are processed in chunks between decode steps."""
+    prompt_cache_size: Annotated[int, Meta(ge=0)] = 10
+    """KV caches of finished sequences kept for reuse by prompts that share their prefix; 0 turns it off."""
 
 
 BackendConfig = MLXBackendConfig

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from litestar import Request
+from litestar.response import Stream
 
 T = TypeVar("T")
 
@@ -37,3 +38,27 @@ async def _disconnect(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def guarded_stream(
+    chunks: AsyncIterator[bytes],
+    deltas: AsyncIterator,
+    error_chunk: Callable[[Exception], bytes],
+    media_type: str,
+    headers: dict[str, str] | None = None,
+) -> Stream:
+    """A streamed response. An error after the first byte becomes one final chunk in the dialect's own format
+    (`error_chunk`); however the stream ends (done, failed, client gone), the engine's generation is closed so
+    its batch slot is freed at once."""
+
+    async def guarded() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except Exception as exc:
+            yield error_chunk(exc)
+        finally:
+            await chunks.aclose()
+            await deltas.aclose()
+
+    return Stream(guarded(), media_type=media_type, headers=headers)

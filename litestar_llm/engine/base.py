@@ -28,6 +28,12 @@ class ModelInfo(msgspec.Struct, kw_only=True):
     modified_at: float | None = None
     created: int = 0
     chat_template: str | None = None
+    on_gpu: bool = False
+    """Weights live in accelerator memory (Ollama's size_vram)."""
+    structured_output: bool = False
+    """The backend can constrain decoding to JSON or a JSON schema."""
+    embeddings: bool = False
+    """The backend can embed text."""
 
 
 class Engine(abc.ABC):

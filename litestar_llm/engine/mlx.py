@@ -18,8 +18,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from litestar_llm.config import MLXBackendConfig, ModelConfig
 from litestar_llm.engine.base import Engine, ModelInfo
+from litestar_llm.engine.files import folder_files, parameter_count
 from litestar_llm.engine.stops import StopStringMatcher
 from litestar_llm.engine.types import Delta, GenerationRequest, TokenLogprob, TopLogprob, Usage
 from litestar_llm.errors import EngineUnavailableError, InvalidRequestError, MissingDependencyError, ModelLoadError
@@ -28,6 +31,7 @@ try:
     import mlx.core as mx
     from mlx_lm import load as mlx_load
     from mlx_lm.generate import BatchGenerator
+    from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
     from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise MissingDependencyError("mlx-lm", "mlx") from exc
@@ -104,13 +108,18 @@ class MLXEngine(Engine):
         self.backend = backend
         self.info = ModelInfo(name=model.name, backend="mlx", source=model.source, created=int(time.time()))
         self._inbox: queue.SimpleQueue[tuple[str, _Sequence | None]] = queue.SimpleQueue()
+        # KV caches of finished sequences, reused for prompts that share a prefix (the next turn of a chat,
+        # a common system prompt): mlx_lm.server's own LRU cache, touched only by the generation thread.
+        self._prompt_cache = LRUPromptCache(max_size=backend.prompt_cache_size)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._model: Any = None
         self._tokenizer: Any = None
         self._alive = False
         # Counters read by /ready and the tests: they show whether concurrent requests really share steps.
-        self._counters = {"decode_steps": 0, "generated_tokens": 0, "max_batch": 0, "prompt_tokens": 0}
+        self._counters = {
+            "decode_steps": 0, "generated_tokens": 0, "max_batch": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0,
+        }  # fmt: skip
         self._running = 0
         self._waiting = 0
 
@@ -220,7 +229,10 @@ class MLXEngine(Engine):
                 reason = f"not a local folder, and not loadable from the Hugging Face hub or its cache ({reason})"
             raise ModelLoadError(self.info.name, source, reason) from None
         self._model, self._tokenizer = model, tokenizer
-        self.info = _model_info(self.info, config, tokenizer, Path(source))
+        try:
+            self.info = _model_info(self.info, config, tokenizer, Path(source))
+        except Exception as exc:
+            raise ModelLoadError(self.info.name, source, f"cannot read the model's files: {exc}") from None
 
     def _serve(self) -> None:
         eos = [[t] for t in sorted(self._tokenizer.eos_token_ids)]
@@ -283,13 +295,38 @@ class MLXEngine(Engine):
             presence_penalty=sampling.presence_penalty,
             frequency_penalty=sampling.frequency_penalty,
         )
+        cache, rest = self._cached_prefix(sequence.prompt)
+        cached = len(sequence.prompt) - len(rest)
         (uid,) = generator.insert(
-            [sequence.prompt], max_tokens=[sequence.max_tokens], samplers=[sampler], logits_processors=[processors]
+            [rest],
+            max_tokens=[sequence.max_tokens],
+            caches=[cache],
+            all_tokens=[sequence.prompt[:cached]],
+            samplers=[sampler],
+            logits_processors=[processors],
         )
         sequence.uid = uid
         sequence.detokenizer = self._tokenizer.detokenizer
         active[uid] = sequence
         self._counters["prompt_tokens"] += len(sequence.prompt)
+        self._counters["cached_prompt_tokens"] += cached
+
+    def _cached_prefix(self, prompt: list[int]) -> tuple[list | None, list[int]]:
+        """The KV cache of the longest cached prefix of `prompt`, and the tokens still to prefill (never none:
+        the last prompt token must go through the model to give the first logits)."""
+        if not self.backend.prompt_cache_size:
+            return None, prompt
+        cache, rest = self._prompt_cache.fetch_nearest_cache(self.info.name, prompt)
+        if cache is not None and not rest:
+            if not can_trim_prompt_cache(cache):
+                return None, prompt
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        return cache, rest
+
+    def _keep_cache(self, tokens: list[int] | None, cache: list | None) -> None:
+        if self.backend.prompt_cache_size and tokens and cache:
+            self._prompt_cache.insert_cache(self.info.name, list(tokens), cache)
 
     def _emit(self, generator: BatchGenerator, active: dict[int, _Sequence], responses: list) -> None:
         now = time.perf_counter()
@@ -324,9 +361,11 @@ class MLXEngine(Engine):
                 delta.usage = self._usage(sequence, now)
                 sequence.finished = True
                 del active[r.uid]
+                self._keep_cache(r.all_tokens, r.prompt_cache)
             out.append((sequence.queue, delta))
         if stopped:
-            generator.remove(stopped)
+            for cache, tokens in generator.remove(stopped, return_prompt_caches=True).values():
+                self._keep_cache(tokens, cache)
         if out:
             self._loop.call_soon_threadsafe(_deliver, out)
 
@@ -381,30 +420,17 @@ def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
 
 
 def _model_info(info: ModelInfo, config: dict, tokenizer: Any, folder: Path) -> ModelInfo:
-    import msgspec
-
-    files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    files = folder_files(folder)
     quant = config.get("quantization") or {}
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "").upper()
     return msgspec.structs.replace(
         info,
         context_length=config.get("max_position_embeddings"),
         family=config.get("model_type"),
-        parameter_count=_parameter_count(folder),
-        quantization=f"Q{quant['bits']}" if "bits" in quant else str(config.get("torch_dtype", "")).upper() or None,
+        parameter_count=parameter_count(folder),
+        quantization=f"Q{quant['bits']}" if "bits" in quant else (dtype.replace("FLOAT", "F") or None),
         size_bytes=sum(p.stat().st_size for p in files) or None,
         modified_at=max((p.stat().st_mtime for p in files), default=None),
         chat_template=getattr(tokenizer, "chat_template", None),
+        on_gpu=mx.default_device() == mx.gpu,
     )
-
-
-def _parameter_count(folder: Path) -> int | None:
-    """Read from the safetensors headers: exact, and without touching the weights."""
-    from math import prod
-
-    from safetensors import safe_open
-
-    total = 0
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="numpy") as f:
-            total += sum(prod(f.get_slice(name).get_shape()) for name in f)
-    return total or None

@@ -11,7 +11,7 @@ import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.response import Stream
 
-from litestar_llm.dialects.common import unless_disconnected
+from litestar_llm.dialects.common import guarded_stream, unless_disconnected
 from litestar_llm.dialects.openai import wire
 from litestar_llm.dialects.openai.errors import decode_body, exception_handlers, sse_error
 from litestar_llm.dialects.openai.translate import (
@@ -41,20 +41,7 @@ def _sse(obj: msgspec.Struct) -> bytes:
 
 
 def _event_stream(chunks: AsyncIterator[bytes], deltas: AsyncIterator) -> Stream:
-    """An SSE response. An error after the first byte becomes a final error event; however the stream ends
-    (done, failed, client gone), the engine's generation is closed so its slot is freed at once."""
-
-    async def guarded() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in chunks:
-                yield chunk
-        except Exception as exc:
-            yield sse_error(exc)
-        finally:
-            await chunks.aclose()
-            await deltas.aclose()
-
-    return Stream(guarded(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return guarded_stream(chunks, deltas, sse_error, "text/event-stream", SSE_HEADERS)
 
 
 @get("/v1/models")

@@ -1,0 +1,262 @@
+"""Streaming load against OpenAI-compatible servers, side by side with the reference, as ratios.
+
+    # our server vs mlx_lm.server on the same model, C=1 and C=16, plus mlx-lm's raw batch_generate ceiling:
+    python benchmarks/serving.py --model-path models/tiny --ours --mlx-lm --raw -c 1 -c 16
+
+    # any running server:
+    python benchmarks/serving.py --base-url http://127.0.0.1:8000/v1 --model tiny -c 16
+
+Each run sends N chat requests (N = max(8 x C, 32) unless -n is given) with at most C in flight, every request streaming
+`--max-tokens` tokens at temperature 0. It prints requests/s, output tokens/s, and TTFT and inter-token latency
+p50/p99. Output tokens are counted from the stream's usage (or its content chunks where a server sends none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+TOPICS = ["JSON", "paths", "regular expressions", "asyncio", "argparse", "collections", "typing", "iterators"]
+
+
+def prompts(count: int) -> list[str]:
+    return [f"Request {i}: explain {TOPICS[i % len(TOPICS)]} in the standard library." for i in range(count)]
+
+
+@dataclass
+class Result:
+    ttft: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    tokens: int = 0
+    error: str | None = None
+    retries: int = 0
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> Result:
+    """One streamed request. A connection that fails before any byte arrives is retried (mlx_lm.server's
+    http.server drops connections beyond its small listen backlog); the wait counts in TTFT, and retries are
+    reported."""
+    started = time.perf_counter()
+    for attempt in range(5):
+        try:
+            result = await _stream_once(client, url, model, prompt, max_tokens, started)
+            result.retries = attempt
+            return result
+        except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError) as exc:
+            error = exc
+    return Result(error=repr(error))
+
+
+async def _stream_once(
+    client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, started: float
+) -> Result:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    result = Result()
+    last = None
+    chunks = 0
+    async with client.stream("POST", f"{url}/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            result.error = f"{response.status_code}: {(await response.aread())[:200]!r}"
+            return result
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                result.tokens = event["usage"]["completion_tokens"]
+            choices = event.get("choices") or []
+            if choices and choices[0].get("delta", {}).get("content"):
+                now = time.perf_counter()
+                if last is None:
+                    result.ttft = now - started
+                else:
+                    result.itl.append(now - last)
+                last = now
+                chunks += 1
+    result.tokens = result.tokens or chunks
+    return result
+
+
+async def run_load(url: str, model: str, requests: int, concurrency: int, max_tokens: int) -> dict:
+    gate = asyncio.Semaphore(concurrency)
+    # A new connection per request: mlx_lm.server closes its connections, and every target gets the same.
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def bounded(prompt: str) -> Result:
+            async with gate:
+                return await one_request(client, url, model, prompt, max_tokens)
+
+        await one_request(client, url, model, "warm up", 4)
+        started = time.perf_counter()
+        results = await asyncio.gather(*(bounded(p) for p in prompts(requests)))
+        wall = time.perf_counter() - started
+    errors = [r.error for r in results if r.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
+    ttfts = [r.ttft for r in results]
+    itls = [x for r in results for x in r.itl]
+    return {
+        "req_s": requests / wall,
+        "tok_s": sum(r.tokens for r in results) / wall,
+        "ttft_p50": percentile(ttfts, 50),
+        "ttft_p99": percentile(ttfts, 99),
+        "itl_p50": percentile(itls, 50),
+        "itl_p99": percentile(itls, 99),
+        "retries": sum(r.retries for r in results),
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def raw_ceiling(model_path: str, requests: int, max_tokens: int) -> float:
+    """mlx-lm's own batch_generate on the same prompts, no HTTP: the engine's output tokens/s."""
+    from mlx_lm import batch_generate, load
+
+    model, tokenizer = load(model_path)
+    ids = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+        for p in prompts(requests)
+    ]
+    batch_generate(model, tokenizer, ids[:2], max_tokens=4)  # warm up
+    started = time.perf_counter()
+    response = batch_generate(model, tokenizer, ids, max_tokens=max_tokens, return_token_ids=True)
+    wall = time.perf_counter() - started
+    return sum(len(t) for t in response.token_ids) / wall
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """A server started for the run, stopped at the end."""
+
+    def __init__(self, argv: list[str], ready_url: str, cwd: str | None = None) -> None:
+        self.log = tempfile.NamedTemporaryFile(prefix="bench-", suffix=".log", delete=False)  # noqa: SIM115 - kept for the run
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{argv[0:3]} exited; see {self.log.name}")
+            try:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"{argv} not ready; see {self.log.name}")
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def start_ours(model_path: str) -> tuple[Process, str, str]:
+    port = free_port()
+    folder = tempfile.mkdtemp(prefix="bench-")
+    config = Path(folder) / "server.toml"
+    config.write_text(
+        f'[server]\nport = {port}\n[backends.local]\nkind = "mlx"\n'
+        f'[[models]]\nname = "bench"\nbackend = "local"\nsource = "{Path(model_path).resolve()}"\n'
+    )
+    argv = [sys.executable, "-m", "litestar_llm", "serve", "--config", str(config)]
+    return Process(argv, f"http://127.0.0.1:{port}/ready"), f"http://127.0.0.1:{port}/v1", "bench"
+
+
+def start_mlx_lm(model_path: str) -> tuple[Process, str, str]:
+    port = free_port()
+    argv = [sys.executable, "-m", "mlx_lm.server", "--model", model_path, "--port", str(port), "--log-level", "WARNING"]
+    return Process(argv, f"http://127.0.0.1:{port}/health"), f"http://127.0.0.1:{port}/v1", "default_model"
+
+
+def show(name: str, c: int, figures: dict) -> None:
+    print(
+        f"{name:<14} C={c:<3} {figures['req_s']:7.2f} req/s {figures['tok_s']:8.1f} tok/s  "
+        f"TTFT p50 {figures['ttft_p50'] * 1000:7.1f} ms p99 {figures['ttft_p99'] * 1000:7.1f} ms  "
+        f"ITL p50 {figures['itl_p50'] * 1000:6.1f} ms p99 {figures['itl_p99'] * 1000:6.1f} ms"
+        + (f"  ({figures['retries']} reconnects)" if figures["retries"] else ""),
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base-url", help="an already running OpenAI-compatible server (…/v1)")
+    parser.add_argument("--model", default="tiny", help="the model id to send with --base-url")
+    parser.add_argument("--model-path", help="model folder for --ours / --mlx-lm / --raw")
+    parser.add_argument("--ours", action="store_true", help="start litestar-llm on --model-path")
+    parser.add_argument("--mlx-lm", action="store_true", help="start mlx_lm.server on --model-path (the reference)")
+    parser.add_argument("--raw", action="store_true", help="also print mlx-lm's batch_generate ceiling")
+    parser.add_argument("-c", "--concurrency", type=int, action="append", help="repeatable; default 1 and 16")
+    parser.add_argument("-n", "--requests", type=int, help="requests per run (default 8 x concurrency, at least 32)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    levels = args.concurrency or [1, 16]
+
+    targets: list[tuple[str, str, str, Process | None]] = []
+    if args.base_url:
+        targets.append(("server", args.base_url, args.model, None))
+    try:
+        if args.ours:
+            proc, url, model = start_ours(args.model_path)
+            targets.append(("litestar-llm", url, model, proc))
+        if args.mlx_lm:
+            proc, url, model = start_mlx_lm(args.model_path)
+            targets.append(("mlx_lm.server", url, model, proc))
+        table: dict[tuple[str, int], dict] = {}
+        for c in levels:
+            n = args.requests or max(8 * c, 32)
+            for name, url, model, _ in targets:
+                table[name, c] = asyncio.run(run_load(url, model, n, c, args.max_tokens))
+                show(name, c, table[name, c])
+            if args.raw:
+                print(f"{'raw mlx-lm':<14} C={c:<3} {raw_ceiling(args.model_path, c, args.max_tokens):26.1f} tok/s")
+        if args.ours and args.mlx_lm:
+            print("\nratios litestar-llm / mlx_lm.server (tok/s higher is better; TTFT lower is better)")
+            for c in levels:
+                ours, ref = table["litestar-llm", c], table["mlx_lm.server", c]
+                ratios = {k: ours[k] / ref[k] for k in ("tok_s", "ttft_p50", "itl_p50")}
+                print(
+                    f"C={c:<3} tok/s {ratios['tok_s']:.2f}x   TTFT p50 {ratios['ttft_p50']:.2f}x   "
+                    f"ITL p50 {ratios['itl_p50']:.2f}x"
+                )
+    finally:
+        for *_, proc in targets:
+            if proc is not None:
+                proc.stop()
+
+
+if __name__ == "__main__":
+    main()

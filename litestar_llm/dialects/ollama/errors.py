@@ -1,0 +1,62 @@
+"""Every error the Ollama routes can raise, in Ollama's shape: {"error": "..."} with Ollama's status codes."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import TypeVar
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+
+from litestar_llm.dialects.ollama import wire
+from litestar_llm.errors import InvalidRequestError, LitestarLLMError, ModelNotFoundError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def decode_body(body: bytes, type_: type[T]) -> T:
+    if not body:
+        raise InvalidRequestError("missing request body")
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        text, _, at = str(exc).partition(" - at `$")
+        field = at.rstrip("`").lstrip(".")
+        if m := re.match(r"Object missing required field `(.+)`", text):
+            field, text = (f"{field}.{m.group(1)}" if field else m.group(1)), "is required"
+        raise InvalidRequestError(f"{field}: {text.replace('`', '')}" if field else text) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(f"invalid JSON: {exc}") from None
+
+
+def error_status(exc: BaseException) -> tuple[int, str]:
+    if isinstance(exc, ModelNotFoundError):
+        return 404, f"model '{exc.model}' not found"
+    if isinstance(exc, LitestarLLMError):
+        return exc.status_code, getattr(exc, "message", str(exc))
+    if isinstance(exc, HTTPException):
+        if exc.status_code == 413:
+            return 413, "request body is larger than this server accepts (server.max_request_bytes)"
+        return exc.status_code, exc.detail
+    logger.error("unhandled error", exc_info=exc)
+    return 500, "internal server error"
+
+
+def handle(_: Request, exc: Exception) -> Response[bytes]:
+    status, message = error_status(exc)
+    headers = getattr(exc, "headers", None) or None
+    return Response(
+        wire.encoder.encode(wire.Error(message)), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def ndjson_error(exc: BaseException) -> bytes:
+    """An error after streaming began: a final NDJSON line, as Ollama sends it."""
+    return wire.encoder.encode(wire.Error(error_status(exc)[1])) + b"\n"
+
+
+def exception_handlers() -> dict:
+    return {Exception: handle}
