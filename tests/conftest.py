@@ -111,11 +111,15 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
 
 @pytest.fixture(scope="session")
 def server(start_server: Callable[..., Server], tiny_model: Path) -> Server:
-    """The shared server: the OpenAI dialect over the tiny MLX model."""
+    """The shared server: the OpenAI and Ollama dialects over the tiny MLX model."""
     return start_server(
         f"""
         [server]
         max_request_bytes = 65536
+
+        [routes]
+        openai = true
+        ollama = true
 
         [backends.local]
         kind = "mlx"
@@ -130,3 +134,10 @@ def openai_client(server: Server):
     import openai
 
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def ollama_client(server: Server):
+    import ollama
+
+    return ollama.Client(host=server.url, timeout=60)

@@ -40,3 +40,7 @@ def assert_valid(spec: str, name: str, instance: object) -> None:
 
 def openai(name: str, instance: object) -> None:
     assert_valid("openai_schemas.json", name, instance)
+
+
+def ollama(name: str, instance: object) -> None:
+    assert_valid("ollama_schemas.json", name, instance)

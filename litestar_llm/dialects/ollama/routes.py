@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import msgspec
@@ -102,26 +102,17 @@ async def generate(request: Request, registry: EngineRegistry) -> Response:
     _, first = await anext(stream)
     if body.stream:
 
-        async def lines() -> AsyncIterator[bytes]:
-            delta = first
-            while True:
-                if delta.finish_reason is not None:
-                    if delta.text:
-                        yield _line(wire.GenerateChunk(model=body.model, created_at=now(), response=delta.text))
-                    yield _line(_final(wire.GenerateChunk, body.model, started, delta, response=""))
-                    return
-                if delta.text or delta.logprobs:
-                    chunk = wire.GenerateChunk(
-                        model=body.model, created_at=now(), response=delta.text, logprobs=logprobs(delta.logprobs)
-                    )
-                    yield _line(chunk)
-                _, delta = await anext(stream)
+        def piece(delta: Delta) -> wire.GenerateChunk:
+            lps = logprobs(delta.logprobs)
+            return wire.GenerateChunk(model=body.model, created_at=now(), done=False, response=delta.text, logprobs=lps)
 
-        return guarded_stream(lines(), stream, ndjson_error, NDJSON)
+        def final(delta: Delta) -> msgspec.Struct:
+            return _final(wire.GenerateChunk, body.model, started, delta, response="")
+
+        return guarded_stream(_lines(stream, first, piece, final), stream, ndjson_error, NDJSON)
     texts, values, last = await unless_disconnected(request, _collect(stream, first))
-    return _json(
-        _final(wire.GenerateChunk, body.model, started, last, response="".join(texts), logprobs=logprobs(values))
-    )
+    answer = _final(wire.GenerateChunk, body.model, started, last, response="".join(texts), logprobs=logprobs(values))
+    return _json(answer)
 
 
 @post("/api/chat", status_code=200)
@@ -130,33 +121,39 @@ async def chat(request: Request, registry: EngineRegistry) -> Response:
     body = decode_body(await request.body(), wire.ChatRequest)
     engine, model = resolve(registry, body.model)
     if not body.messages:
-        return _load_answer(wire.ChatChunk, body.model, body.keep_alive, message=wire.Message(role="assistant"))
+        return _load_answer(wire.ChatChunk, body.model, body.keep_alive, message=wire.Reply(content=""))
     stream = generate_choices(engine, [chat_request(body, model, engine.info)])
     _, first = await anext(stream)
     if body.stream:
 
-        async def lines() -> AsyncIterator[bytes]:
-            delta = first
-            while True:
-                if delta.finish_reason is not None:
-                    if delta.text:
-                        message = wire.Message(role="assistant", content=delta.text)
-                        yield _line(wire.ChatChunk(model=body.model, created_at=now(), message=message))
-                    empty = wire.Message(role="assistant", content="")
-                    yield _line(_final(wire.ChatChunk, body.model, started, delta, message=empty))
-                    return
-                if delta.text or delta.logprobs:
-                    message = wire.Message(role="assistant", content=delta.text)
-                    chunk = wire.ChatChunk(
-                        model=body.model, created_at=now(), message=message, logprobs=logprobs(delta.logprobs)
-                    )
-                    yield _line(chunk)
-                _, delta = await anext(stream)
+        def piece(delta: Delta) -> wire.ChatChunk:
+            message, lps = wire.Reply(content=delta.text), logprobs(delta.logprobs)
+            return wire.ChatChunk(model=body.model, created_at=now(), done=False, message=message, logprobs=lps)
 
-        return guarded_stream(lines(), stream, ndjson_error, NDJSON)
+        def final(delta: Delta) -> msgspec.Struct:
+            return _final(wire.ChatChunk, body.model, started, delta, message=wire.Reply(content=""))
+
+        return guarded_stream(_lines(stream, first, piece, final), stream, ndjson_error, NDJSON)
     texts, values, last = await unless_disconnected(request, _collect(stream, first))
-    message = wire.Message(role="assistant", content="".join(texts))
+    message = wire.Reply(content="".join(texts))
     return _json(_final(wire.ChatChunk, body.model, started, last, message=message, logprobs=logprobs(values)))
+
+
+async def _lines(
+    stream: AsyncIterator[tuple[int, Delta]],
+    first: Delta,
+    piece: Callable[[Delta], msgspec.Struct],
+    final: Callable[[Delta], msgspec.Struct],
+) -> AsyncIterator[bytes]:
+    """NDJSON: one object per delta that carries text, then the final object with the stats."""
+    delta = first
+    while True:
+        if delta.text or delta.logprobs:
+            yield _line(piece(delta))
+        if delta.finish_reason is not None:
+            yield _line(final(delta))
+            return
+        _, delta = await anext(stream)
 
 
 async def _collect(stream: AsyncIterator[tuple[int, Delta]], first: Delta) -> tuple[list[str], list, Delta]:

@@ -113,7 +113,7 @@ class Final(Struct, kw_only=True, omit_defaults=True):
 
     model: str
     created_at: str
-    done: bool = False
+    done: bool  # always sent, false included
     done_reason: str | None = None
     total_duration: int = 0
     load_duration: int = 0
@@ -124,13 +124,20 @@ class Final(Struct, kw_only=True, omit_defaults=True):
 
 
 class GenerateChunk(Final, kw_only=True, omit_defaults=True):
-    response: str = ""
+    response: str  # always sent, "" included, as Ollama does
     context: list[int] | None = None
     logprobs: list[Logprob] | None = None
 
 
+class Reply(Struct):
+    """The assistant message in a chat answer: role and content always sent."""
+
+    content: str
+    role: str = "assistant"
+
+
 class ChatChunk(Final, kw_only=True, omit_defaults=True):
-    message: Message
+    message: Reply
     logprobs: list[Logprob] | None = None
 
 

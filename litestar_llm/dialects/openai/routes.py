@@ -61,7 +61,7 @@ async def get_model(model_id: str, registry: EngineRegistry) -> Response[bytes]:
 async def chat_completions(request: Request, registry: EngineRegistry) -> Response:
     body = decode_body(await request.body(), wire.ChatCompletionRequest)
     engine, model = registry.resolve(body.model)
-    generation = chat_request(body, model.defaults)
+    generation = chat_request(body, model.defaults, engine.info)
     stream = generate_choices(engine, [generation])
     first = await anext(stream)  # errors before the first token still get a proper status code
     response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -8,6 +8,7 @@ from msgspec import UNSET
 
 from litestar_llm.config import SamplingDefaults
 from litestar_llm.dialects.openai import wire
+from litestar_llm.engine.base import ModelInfo
 from litestar_llm.engine.types import ChatMessage, Delta, GenerationRequest, SamplingParams, TokenLogprob
 from litestar_llm.errors import InvalidRequestError
 
@@ -57,11 +58,11 @@ def _message_text(message: wire.ChatMessage, index: int) -> str:
     return "".join(texts)
 
 
-def chat_request(body: wire.ChatCompletionRequest, defaults: SamplingDefaults) -> GenerationRequest:
-    if body.response_format is not None and body.response_format.type != "text":
+def chat_request(body: wire.ChatCompletionRequest, defaults: SamplingDefaults, info: ModelInfo) -> GenerationRequest:
+    if body.response_format is not None and body.response_format.type != "text" and not info.structured_output:
         raise InvalidRequestError(
-            f"response_format '{body.response_format.type}' needs constrained decoding, which this model's "
-            "backend does not support",
+            f"response_format '{body.response_format.type}' needs constrained decoding, which the {info.backend} "
+            f"backend serving '{info.name}' does not support",
             param="response_format",
         )
     if body.tools:
