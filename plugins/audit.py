@@ -39,6 +39,9 @@ class AuditMiddleware(ASGIMiddleware):
 
         try:
             await next_app(scope, receive, send_wrapper)
+        except Exception as exc:  # answered by the app's exception handlers, outside every middleware
+            status = getattr(exc, "status_code", 500)
+            raise
         finally:
             auth = scope.get("state", {}).get("api_key_name")  # set by the auth plugin when one is installed
             line = json.dumps(
@@ -60,7 +63,7 @@ class AuditPlugin(InitPlugin):
         self.path = path if path is not None else os.environ.get("AUDIT_LOG_FILE")
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
-        app_config.middleware.append(AuditMiddleware())
+        app_config.middleware.insert(0, AuditMiddleware())  # outermost: requests refused by auth are audited too
         app_config.on_startup.append(self._attach_file)  # after the app's logging config, which resets handlers
         return app_config
 

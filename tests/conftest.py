@@ -111,7 +111,7 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
 
 @pytest.fixture(scope="session")
 def server(start_server: Callable[..., Server], tiny_model: Path) -> Server:
-    """The shared server: the OpenAI and Ollama dialects over the tiny MLX model."""
+    """The shared server: the OpenAI (chat, completions, responses) and Ollama dialects over the tiny MLX model."""
     return start_server(
         f"""
         [server]
@@ -120,6 +120,7 @@ def server(start_server: Callable[..., Server], tiny_model: Path) -> Server:
         [routes]
         openai = true
         ollama = true
+        responses = true
 
         [backends.local]
         kind = "mlx"
@@ -141,3 +142,41 @@ def ollama_client(server: Server):
     import ollama
 
     return ollama.Client(host=server.url, timeout=60)
+
+
+class RedisProcess:
+    """A real redis-server on 127.0.0.1 (installed by .ci/run), with no persistence; stop() and start() again on
+    the same port simulate an outage."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port, self.folder = free_port(), folder
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> RedisProcess:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=self.folder,
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    redis = RedisProcess(tmp_path_factory.mktemp("redis")).start()
+    yield redis
+    redis.stop()

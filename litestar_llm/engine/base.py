@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 
+from litestar_llm.caller import current_caller
 from litestar_llm.engine.types import Delta, GenerationRequest
+from litestar_llm.limits import LEASE_S, KeyLimits
 
 
 class ModelInfo(msgspec.Struct, kw_only=True):
@@ -53,6 +56,11 @@ class Engine(abc.ABC):
         """Deltas for one sequence (`request.n` is handled by `generate_choices`). Closing the iterator early
         (client gone) cancels the generation and frees its slot."""
 
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
+        """The prompt's length in tokens, so a token budget can be reserved before generation starts; None when
+        the engine cannot tell cheaply (the budget then settles on the reported usage alone)."""
+        return None
+
     @property
     def ready(self) -> bool:
         return True
@@ -62,10 +70,65 @@ class Engine(abc.ABC):
         return {}
 
 
-async def generate_choices(engine: Engine, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, Delta]]:
+def generate_choices(engine: Engine, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, Delta]]:
     """Fan `requests` (each with its `n`) out to independent sequences and merge their deltas as
     `(choice_index, delta)`, in arrival order. Choice i of a seeded request gets seed + i, so choices differ
-    but stay reproducible."""
+    but stay reproducible. A caller with rate limits has its tokens and stream slot accounted around it."""
+    caller = current_caller.get()
+    if caller is not None and caller.limits is not None:
+        return _limited_choices(engine, requests, caller.limits)
+    return _choices(engine, requests)
+
+
+async def _limited_choices(
+    engine: Engine, requests: list[GenerationRequest], limits: KeyLimits
+) -> AsyncIterator[tuple[int, Delta]]:
+    """Hold a stream slot (max_concurrent) and reserve prompt + max tokens (tokens_per_minute) before the first
+    token; settle the reservation with the real count however the generation ends."""
+    stream = await limits.acquire_stream()
+    ticket, prompt_tokens, counted, finished = None, 0, {}, {}
+    try:
+        if limits.token_limit is not None:
+            requests, prompt_tokens, reserved = await _token_budget(engine, requests, limits.token_limit)
+            ticket = await limits.reserve(reserved)
+        refresh_at = time.monotonic() + LEASE_S / 3
+        async for index, delta in _choices(engine, requests):
+            counted[index] = counted.get(index, 0) + len(delta.token_ids)
+            if delta.usage is not None:
+                finished[index] = delta.usage.completion_tokens
+            yield index, delta
+            if stream is not None and time.monotonic() > refresh_at:  # a long stream keeps its lease alive
+                refresh_at = time.monotonic() + LEASE_S / 3
+                await limits.refresh_stream(stream)
+    finally:
+        completion = sum(finished.get(i, n) for i, n in counted.items())
+        await limits.settle(ticket, prompt_tokens + completion)
+        await limits.release_stream(stream)
+
+
+async def _token_budget(
+    engine: Engine, requests: list[GenerationRequest], limit: int
+) -> tuple[list[GenerationRequest], int, int]:
+    """What to reserve: each prompt plus n times its max tokens. A request that sets no max tokens is bounded by
+    what is left of the key's budget instead of the model's whole context."""
+    context = engine.info.context_length
+    bounded, prompts, total = [], 0, 0
+    for request in requests:
+        prompt = await engine.count_prompt_tokens(request) or 0
+        max_tokens = request.sampling.max_tokens
+        if max_tokens is None:
+            room = max((limit - total - prompt) // request.n, 1)
+            max_tokens = max(min(room, context - prompt), 1) if context else room
+            request = msgspec.structs.replace(
+                request, sampling=msgspec.structs.replace(request.sampling, max_tokens=max_tokens)
+            )
+        bounded.append(request)
+        prompts += prompt
+        total += prompt + request.n * max_tokens
+    return bounded, prompts, total
+
+
+async def _choices(engine: Engine, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, Delta]]:
     sequences: list[AsyncIterator[Delta]] = []
     for request in requests:
         for i in range(request.n):

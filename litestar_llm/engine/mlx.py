@@ -180,6 +180,9 @@ class MLXEngine(Engine):
             if not sequence.finished:
                 self._inbox.put((_CANCEL, sequence))
 
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        return len(await asyncio.to_thread(self._encode, request))
+
     def _encode(self, request: GenerationRequest) -> list[int]:
         if request.messages is not None:
             messages = [{"role": m.role, "content": m.content} for m in request.messages]

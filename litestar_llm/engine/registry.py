@@ -10,15 +10,14 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
-import msgspec
 from litestar import Litestar
 from litestar.config.app import AppConfig
 from litestar.di import Provide
 from litestar.plugins import InitPlugin
 
-from litestar_llm.config import ModelConfig, SamplingDefaults, Settings
+from litestar_llm.caller import current_caller
+from litestar_llm.config import ModelConfig, Settings
 from litestar_llm.engine.base import Engine
-from litestar_llm.engine.types import GenerationRequest
 from litestar_llm.errors import ModelLoadError, ModelNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -26,7 +25,7 @@ logger = logging.getLogger(__name__)
 EXIT_MODEL_LOAD = 3
 
 # Backend kind → engine class, imported only when a model uses it (mlx, vllm are optional installs).
-ENGINE_CLASSES = {"mlx": "litestar_llm.engine.mlx:MLXEngine"}
+ENGINE_CLASSES = {"mlx": "litestar_llm.engine.mlx:MLXEngine", "vllm": "litestar_llm.engine.vllm:VLLMEngine"}
 
 
 def engine_class(kind: str) -> type[Engine]:
@@ -59,30 +58,24 @@ class EngineRegistry:
         await asyncio.gather(*(engine.close() for engine in self._engines.values()), return_exceptions=True)
 
     def resolve(self, name: str) -> tuple[Engine, ModelConfig]:
-        """The engine serving `name` (a model name or alias) and its config; unknown names raise 404."""
-        try:
-            return self._by_name[name]
-        except KeyError:
-            raise ModelNotFoundError(name) from None
+        """The engine serving `name` (a model name or alias) and its config. Unknown names, and models outside the
+        calling API key's scope, raise 404: a scoped key cannot tell them apart."""
+        found = self._by_name.get(name)
+        caller = current_caller.get()
+        if found is None or (caller is not None and not caller.may_use(found[1].name)):
+            raise ModelNotFoundError(name)
+        return found
 
     def __iter__(self) -> Iterator[tuple[str, Engine]]:
-        return iter(self._engines.items())
+        """The models the calling API key may use, by name."""
+        caller = current_caller.get()
+        if caller is None or caller.models is None:
+            return iter(self._engines.items())
+        return iter([(name, engine) for name, engine in self._engines.items() if name in caller.models])
 
     @property
     def ready(self) -> bool:
         return bool(self._engines) and all(engine.ready for engine in self._engines.values())
-
-
-def apply_defaults(request: GenerationRequest, defaults: SamplingDefaults, given: set[str]) -> GenerationRequest:
-    """Fill sampling fields the client did not send (`given`) from the model's [models.defaults]."""
-    changes = {
-        field: value
-        for field in defaults.__struct_fields__
-        if (value := getattr(defaults, field)) is not None and field not in given
-    }
-    if not changes:
-        return request
-    return msgspec.structs.replace(request, sampling=msgspec.structs.replace(request.sampling, **changes))
 
 
 class EngineRegistryPlugin(InitPlugin):

@@ -6,7 +6,7 @@ Dialects build a `GenerationRequest` from their wire format and encode `Delta`s 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -33,6 +33,12 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     stop: list[str] = []
     logprobs: int | None = None
     """None: no logprobs; 0: the sampled token's only; k: also the k most likely alternatives."""
+    json_object: bool = False
+    """Constrain the output to one JSON object (OpenAI `response_format: json_object`, Ollama `format: "json"`).
+    Only for engines whose `ModelInfo.structured_output` is true."""
+    json_schema: dict[str, Any] | None = None
+    """Constrain the output to JSON that matches this JSON schema (the schema itself: OpenAI's
+    `response_format.json_schema.schema`, Ollama's `format` object). Wins over `json_object`."""
 
 
 class GenerationRequest(msgspec.Struct, kw_only=True):

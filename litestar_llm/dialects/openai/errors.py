@@ -25,7 +25,7 @@ _TYPES = {
     429: "rate_limit_error",
     503: "server_error",
 }
-_CODES = {404: "model_not_found", 413: "request_too_large", 429: "rate_limit_exceeded"}
+_CODES = {401: "invalid_api_key", 404: "model_not_found", 413: "request_too_large", 429: "rate_limit_exceeded"}
 
 
 def decode_body(body: bytes, type_: type[T]) -> T:
