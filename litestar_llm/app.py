@@ -21,6 +21,7 @@ from litestar_llm.errors import ConfigError
 from litestar_llm.plugins.auth import AuthPlugin
 from litestar_llm.plugins.health import HealthPlugin
 from litestar_llm.plugins.state import StatePlugin
+from litestar_llm.plugins.telemetry import TelemetryPlugin
 
 
 def load_plugin(target: str, index: int) -> PluginProtocol:
@@ -50,6 +51,7 @@ def deployment_plugins(settings: Settings) -> list[PluginProtocol]:
 def create_app(settings: Settings) -> Litestar:
     state = StatePlugin(settings.state)
     plugins: list[PluginProtocol] = [
+        TelemetryPlugin(settings.telemetry),  # first: its middleware sees requests that auth refuses
         state,
         AuthPlugin(settings, state.windows),
         EngineRegistryPlugin(settings),

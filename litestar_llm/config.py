@@ -80,8 +80,34 @@ class VLLMBackendConfig(Section, tag="vllm", tag_field="kind"):
     dtype, enforce_eager, ...); `model` comes from each model's source. Names are checked at start-up."""
 
 
-BackendConfig = MLXBackendConfig | VLLMBackendConfig
-BACKEND_KINDS = ("mlx", "vllm")
+class OpenAIBackendConfig(Section, tag="openai", tag_field="kind"):
+    """Remote OpenAI-compatible replicas of one deployment (vLLM, another litestar-llm, ...), balanced by least
+    in-flight requests; a model's `source` is the id the upstream knows."""
+
+    kind: ClassVar[str] = "openai"
+
+    urls: Annotated[list[str], Meta(min_length=1)]
+    """Base URLs of the replicas, ending where `/chat/completions` and `/models` follow (`http://10.0.0.5:8000/v1`)."""
+    api_key: str | None = None
+    """Sent as `Authorization: Bearer ...` to every replica; best from the environment (`"${FLEET_KEY}"`)."""
+    timeout_s: Annotated[float, Meta(gt=0)] = 600.0
+    """Longest wait for the upstream's first byte, and between two of its chunks."""
+    connect_timeout_s: Annotated[float, Meta(gt=0)] = 5.0
+    """Longest wait for a TCP connection; a replica that takes longer is taken out and the request retried."""
+    cooldown_s: Annotated[float, Meta(gt=0)] = 5.0
+    """A failed replica is out this long, then `GET {url}/models` is probed every cooldown_s until it answers."""
+    max_connections: Positive = 1000
+    """HTTP/1.1 connections per replica (one stream each), kept alive between requests."""
+
+    def __post_init__(self) -> None:
+        for i, url in enumerate(self.urls):
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"urls[{i}]: expected http:// or https://..., got {url!r}")
+        self.urls = [url.rstrip("/") for url in self.urls]
+
+
+BackendConfig = MLXBackendConfig | VLLMBackendConfig | OpenAIBackendConfig
+BACKEND_KINDS = ("mlx", "vllm", "openai")
 
 
 class StateConfig(Section):
@@ -139,6 +165,21 @@ class RateLimitPolicy(Section):
     """Generations in flight at once."""
 
 
+class TelemetryConfig(Section):
+    """OpenTelemetry metrics and traces (GenAI semantic conventions); the standard OTEL_* variables still apply."""
+
+    service_name: str = "litestar-llm"
+    """The `service.name` resource attribute (OTEL_SERVICE_NAME wins when set)."""
+    prometheus: bool = True
+    """GET /metrics in Prometheus text format, from the OpenTelemetry Prometheus exporter."""
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP collector, e.g. "http://127.0.0.1:4318": traces and metrics are pushed there."""
+    traces: bool = True
+    """A server span per request and an inference span per generation (exported over OTLP)."""
+    sample_ratio: Annotated[float, Meta(ge=0.0, le=1.0)] = 1.0
+    """Share of traces kept, parent-based: a client's sampled traceparent is always followed."""
+
+
 class SamplingDefaults(Section):
     """A model's default sampling parameters; a request's own values win."""
 
@@ -158,7 +199,8 @@ class ModelConfig(Section):
     backend: str
     """A key of [backends]."""
     source: str
-    """A local folder (relative to server.toml) or a Hugging Face repo id."""
+    """A local folder (relative to server.toml) or a Hugging Face repo id; for an `openai` backend, the id the
+    upstream knows."""
     aliases: list[str] = []
     defaults: SamplingDefaults = msgspec.field(default_factory=SamplingDefaults)
 
@@ -173,6 +215,7 @@ class Settings(Section):
     state: StateConfig = msgspec.field(default_factory=StateConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     rate_limits: dict[str, RateLimitPolicy] = {}
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
 
 
 # Tables keyed by a user-chosen name: validated entry by entry so errors name the key (`backends.local.kind`).
@@ -320,6 +363,8 @@ def _check_models(settings: Settings, base_dir: Path) -> None:
             if name in seen:
                 raise ConfigError(field, f"{name!r} is already used by {seen[name]}")
             seen[name] = where
+        if settings.backends[model.backend].kind == "openai":
+            continue  # the source is the upstream's model id, not a folder here
         if _is_local_path(model.source, base_dir):
             folder = (base_dir / Path(model.source).expanduser()).resolve()
             if not folder.is_dir():

@@ -13,6 +13,7 @@ import msgspec
 from litestar_llm.caller import current_caller
 from litestar_llm.engine.types import Delta, GenerationRequest
 from litestar_llm.limits import LEASE_S, KeyLimits
+from litestar_llm.observation import current_observer
 
 
 class ModelInfo(msgspec.Struct, kw_only=True):
@@ -73,11 +74,15 @@ class Engine(abc.ABC):
 def generate_choices(engine: Engine, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, Delta]]:
     """Fan `requests` (each with its `n`) out to independent sequences and merge their deltas as
     `(choice_index, delta)`, in arrival order. Choice i of a seeded request gets seed + i, so choices differ
-    but stay reproducible. A caller with rate limits has its tokens and stream slot accounted around it."""
+    but stay reproducible. A caller with rate limits has its tokens and stream slot accounted around it; with
+    telemetry on, the request's observer measures it."""
     caller = current_caller.get()
     if caller is not None and caller.limits is not None:
-        return _limited_choices(engine, requests, caller.limits)
-    return _choices(engine, requests)
+        stream = _limited_choices(engine, requests, caller.limits)
+    else:
+        stream = _choices(engine, requests)
+    observer = current_observer.get()
+    return stream if observer is None else observer.observe(engine, requests, stream)
 
 
 async def _limited_choices(

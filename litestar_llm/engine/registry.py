@@ -24,8 +24,12 @@ logger = logging.getLogger(__name__)
 
 EXIT_MODEL_LOAD = 3
 
-# Backend kind → engine class, imported only when a model uses it (mlx, vllm are optional installs).
-ENGINE_CLASSES = {"mlx": "litestar_llm.engine.mlx:MLXEngine", "vllm": "litestar_llm.engine.vllm:VLLMEngine"}
+# Backend kind → engine class, imported only when a model uses it (mlx, vllm, httpx are optional installs).
+ENGINE_CLASSES = {
+    "mlx": "litestar_llm.engine.mlx:MLXEngine",
+    "vllm": "litestar_llm.engine.vllm:VLLMEngine",
+    "openai": "litestar_llm.engine.remote:RemoteEngine",
+}
 
 
 def engine_class(kind: str) -> type[Engine]:

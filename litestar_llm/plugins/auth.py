@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import logging
 
-from litestar import Litestar
+from litestar import Litestar, Request, Response
 from litestar.config.app import AppConfig
 from litestar.datastructures import MutableScopeHeaders
 from litestar.enums import ScopeType
@@ -23,7 +23,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from litestar_llm.caller import Caller, current_caller
 from litestar_llm.config import APIKey, RateLimitPolicy, Settings
-from litestar_llm.errors import AuthenticationError
+from litestar_llm.errors import AuthenticationError, LitestarLLMError
 from litestar_llm.limits import KeyLimits, Windows
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,15 @@ def _with_headers(send: Send, limits: KeyLimits) -> Send:
     return wrapped
 
 
+def _plain_error(_request: Request, exc: LitestarLLMError) -> Response:
+    detail = getattr(exc, "message", str(exc))
+    return Response(
+        {"status_code": exc.status_code, "detail": detail},
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
+
+
 class AuthPlugin(InitPlugin):
     def __init__(self, settings: Settings, windows: Windows) -> None:
         self.entries = key_entries(settings)
@@ -122,6 +131,8 @@ class AuthPlugin(InitPlugin):
             app_config.middleware.append(
                 AuthMiddleware(self.entries, auth.public_paths, self.windows, self.settings.state.fail_open)
             )
+            # Dialect routes render these in their own format; the rest (/metrics, /docs) in Litestar's.
+            app_config.exception_handlers.setdefault(LitestarLLMError, _plain_error)
         app_config.on_startup.append(self._announce)
         return app_config
 

@@ -59,4 +59,5 @@ def ndjson_error(exc: BaseException) -> bytes:
 
 
 def exception_handlers() -> dict:
-    return {Exception: handle}
+    # LitestarLLMError named too: it must outrank the app-wide handler for it that non-dialect routes use.
+    return {Exception: handle, LitestarLLMError: handle}

@@ -30,7 +30,7 @@ from litestar_llm.dialects.responses.translate import (
 from litestar_llm.engine.base import generate_choices
 from litestar_llm.engine.registry import EngineRegistry
 from litestar_llm.engine.types import ChatMessage, Delta
-from litestar_llm.errors import InvalidRequestError
+from litestar_llm.errors import InvalidRequestError, LitestarLLMError
 
 JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -182,6 +182,6 @@ def responses_router(ttl_s: int) -> Router:
         path="/",
         route_handlers=[create_response, retrieve_response, delete_response],
         dependencies={"responses": Provide(store_provider(ttl_s), sync_to_thread=False)},
-        exception_handlers={Exception: _handle},
+        exception_handlers={Exception: _handle, LitestarLLMError: _handle},
         tags=["OpenAI Responses"],
     )

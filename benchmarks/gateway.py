@@ -1,0 +1,81 @@
+"""What a gateway costs: the same streaming load sent straight to an upstream and through a `kind = "openai"` gateway.
+
+    python examples/make_tiny_model.py
+    python benchmarks/gateway.py --model-path models/tiny -c 16 -c 64
+
+The upstream is litestar-llm serving --model-path with MLX; the gateway is a second litestar-llm whose only backend is
+`kind = "openai"` with that upstream as its one replica. The load generator is serving.py's (N streamed chat requests,
+at most C in flight, `--max-tokens` tokens each at temperature 0). Direct and gateway runs alternate, `--rounds` of
+each, so a shared machine's drifting load hits both alike; the median round is printed, then the ratio of output
+tokens/s (target >= 0.95) and the TTFT p50 the hop adds (target < 2 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from serving import Process, free_port, run_load, show, start_ours
+
+
+def start_gateway(upstream_url: str, model: str) -> tuple[Process, str, str]:
+    port = free_port()
+    config = Path(tempfile.mkdtemp(prefix="bench-gateway-")) / "server.toml"
+    config.write_text(
+        f'[server]\nport = {port}\n[backends.fleet]\nkind = "openai"\nurls = ["{upstream_url}"]\n'
+        f'[[models]]\nname = "{model}"\nbackend = "fleet"\nsource = "{model}"\n'
+    )
+    argv = [sys.executable, "-m", "litestar_llm", "serve", "--config", str(config)]
+    return Process(argv, f"http://127.0.0.1:{port}/ready"), f"http://127.0.0.1:{port}/v1", model
+
+
+def median_round(rounds: list[dict]) -> dict:
+    return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", required=True, help="model folder the upstream serves")
+    parser.add_argument("-c", "--concurrency", type=int, action="append", help="repeatable; default 16 and 64")
+    parser.add_argument("-n", "--requests", type=int, help="requests per run (default 8 x concurrency, at least 32)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each target per concurrency")
+    args = parser.parse_args()
+    levels = args.concurrency or [16, 64]
+
+    upstream, upstream_url, model = start_ours(args.model_path)
+    gateway = None
+    try:
+        gateway, gateway_url, _ = start_gateway(upstream_url, model)
+        targets = {"direct": upstream_url, "gateway": gateway_url}
+        summary = []
+        for c in levels:
+            n = args.requests or max(8 * c, 32)
+            rounds: dict[str, list[dict]] = {name: [] for name in targets}
+            for _ in range(args.rounds):
+                for name, url in targets.items():
+                    rounds[name].append(asyncio.run(run_load(url, model, n, c, args.max_tokens)))
+            direct, through = median_round(rounds["direct"]), median_round(rounds["gateway"])
+            show("direct", c, direct)
+            show("gateway", c, through)
+            summary.append((c, direct, through))
+        print(f"\ngateway / direct (median of {args.rounds} rounds; tok/s higher is better, TTFT lower is better)")
+        for c, direct, through in summary:
+            added = (through["ttft_p50"] - direct["ttft_p50"]) * 1000
+            print(
+                f"C={c:<3} tok/s {through['tok_s']:8.1f} / {direct['tok_s']:8.1f} = {through['tok_s'] / direct['tok_s']:.3f}x"
+                f"   TTFT p50 {through['ttft_p50'] * 1000:6.1f} / {direct['ttft_p50'] * 1000:6.1f} ms"
+                f"   added TTFT p50 {added:+.2f} ms"
+            )
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        upstream.stop()
+
+
+if __name__ == "__main__":
+    main()
