@@ -3,6 +3,13 @@
     # our server vs mlx_lm.server on the same model, C=1 and C=16, plus mlx-lm's raw batch_generate ceiling:
     python benchmarks/serving.py --model-path models/tiny --ours --mlx-lm --raw -c 1 -c 16
 
+    # our vllm backend vs vLLM's own OpenAI server, same engine arguments, C=16 and C=64:
+    python benchmarks/serving.py --model-path models/tiny --ours --backend vllm --vllm -c 16 -c 64 \
+        --engine-arg max_model_len=2048 --engine-arg enforce_eager=true
+
+    # telemetry overhead: ours with [telemetry] on (the default) and off, same load
+    python benchmarks/serving.py --model-path models/tiny --ours --telemetry-off -c 16
+
     # any running server:
     python benchmarks/serving.py --base-url http://127.0.0.1:8000/v1 --model tiny -c 16
 
@@ -183,22 +190,44 @@ class Process:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def start_ours(model_path: str) -> tuple[Process, str, str]:
+def start_ours(model_path: str, backend: str = "mlx", engine_args: dict | None = None, telemetry: bool = True):
     port = free_port()
     folder = tempfile.mkdtemp(prefix="bench-")
     config = Path(folder) / "server.toml"
+    args = "".join(f"{k} = {json.dumps(v)}\n" for k, v in (engine_args or {}).items())
+    table = f"[backends.local.engine_args]\n{args}" if backend == "vllm" else ""
     config.write_text(
-        f'[server]\nport = {port}\n[backends.local]\nkind = "mlx"\n'
+        f'[server]\nport = {port}\n[backends.local]\nkind = "{backend}"\n{table}'
         f'[[models]]\nname = "bench"\nbackend = "local"\nsource = "{Path(model_path).resolve()}"\n'
+        + ("" if telemetry else "[telemetry]\nprometheus = false\ntraces = false\n")
     )
     argv = [sys.executable, "-m", "litestar_llm", "serve", "--config", str(config)]
     return Process(argv, f"http://127.0.0.1:{port}/ready"), f"http://127.0.0.1:{port}/v1", "bench"
+
+
+def start_vllm(model_path: str, engine_args: dict) -> tuple[Process, str, str]:
+    """vLLM's own OpenAI server (`vllm serve`), with the same engine arguments as our vllm backend."""
+    port = free_port()
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--port", str(port)]
+    argv += ["--served-model-name", "bench", "--disable-uvicorn-access-log"]  # request logging is off by default
+    for key, value in engine_args.items():
+        flag = "--" + key.replace("_", "-")
+        argv += [flag] if value is True else [] if value is False else [flag, str(value)]
+    return Process(argv, f"http://127.0.0.1:{port}/health"), f"http://127.0.0.1:{port}/v1", "bench"
 
 
 def start_mlx_lm(model_path: str) -> tuple[Process, str, str]:
     port = free_port()
     argv = [sys.executable, "-m", "mlx_lm.server", "--model", model_path, "--port", str(port), "--log-level", "WARNING"]
     return Process(argv, f"http://127.0.0.1:{port}/health"), f"http://127.0.0.1:{port}/v1", "default_model"
+
+
+def _value(text: str):
+    """An --engine-arg value as TOML/JSON would read it: numbers and booleans typed, the rest strings."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def show(name: str, c: int, figures: dict) -> None:
@@ -219,6 +248,14 @@ def main() -> None:
     parser.add_argument("--ours", action="store_true", help="start litestar-llm on --model-path")
     parser.add_argument("--mlx-lm", action="store_true", help="start mlx_lm.server on --model-path (the reference)")
     parser.add_argument("--raw", action="store_true", help="also print mlx-lm's batch_generate ceiling")
+    parser.add_argument("--backend", choices=["mlx", "vllm"], default="mlx", help="the backend kind for --ours")
+    parser.add_argument("--vllm", action="store_true", help="start vLLM's own OpenAI server (the reference for vllm)")
+    parser.add_argument(
+        "--engine-arg", action="append", default=[], metavar="KEY=VALUE", help="vLLM engine argument, for both servers"
+    )
+    parser.add_argument(
+        "--telemetry-off", action="store_true", help="also start ours with [telemetry] off, to measure its overhead"
+    )
     parser.add_argument("-c", "--concurrency", type=int, action="append", help="repeatable; default 1 and 16")
     parser.add_argument("-n", "--requests", type=int, help="requests per run (default 8 x concurrency, at least 32)")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -229,12 +266,19 @@ def main() -> None:
     if args.base_url:
         targets.append(("server", args.base_url, args.model, None))
     try:
+        engine_args = {k: _value(v) for k, _, v in (a.partition("=") for a in args.engine_arg)}
         if args.ours:
-            proc, url, model = start_ours(args.model_path)
+            proc, url, model = start_ours(args.model_path, args.backend, engine_args)
             targets.append(("litestar-llm", url, model, proc))
+        if args.telemetry_off:
+            proc, url, model = start_ours(args.model_path, args.backend, engine_args, telemetry=False)
+            targets.append(("telemetry off", url, model, proc))
         if args.mlx_lm:
             proc, url, model = start_mlx_lm(args.model_path)
             targets.append(("mlx_lm.server", url, model, proc))
+        if args.vllm:
+            proc, url, model = start_vllm(args.model_path, engine_args)
+            targets.append(("vllm serve", url, model, proc))
         table: dict[tuple[str, int], dict] = {}
         for c in levels:
             n = args.requests or max(8 * c, 32)
@@ -243,10 +287,13 @@ def main() -> None:
                 show(name, c, table[name, c])
             if args.raw:
                 print(f"{'raw mlx-lm':<14} C={c:<3} {raw_ceiling(args.model_path, c, args.max_tokens):26.1f} tok/s")
-        if args.ours and args.mlx_lm:
-            print("\nratios litestar-llm / mlx_lm.server (tok/s higher is better; TTFT lower is better)")
+        names = {name for name, *_ in targets}
+        for reference in ("mlx_lm.server", "vllm serve", "telemetry off"):
+            if "litestar-llm" not in names or reference not in names:
+                continue
+            print(f"\nratios litestar-llm / {reference} (tok/s higher is better; TTFT lower is better)")
             for c in levels:
-                ours, ref = table["litestar-llm", c], table["mlx_lm.server", c]
+                ours, ref = table["litestar-llm", c], table[reference, c]
                 ratios = {k: ours[k] / ref[k] for k in ("tok_s", "ttft_p50", "itl_p50")}
                 print(
                     f"C={c:<3} tok/s {ratios['tok_s']:.2f}x   TTFT p50 {ratios['ttft_p50']:.2f}x   "

@@ -298,6 +298,12 @@ def parse_settings(data: dict, base_dir: Path) -> Settings:
 def _check_backends(settings: Settings) -> None:
     for name, backend in settings.backends.items():
         if isinstance(backend, VLLMBackendConfig):
+            if settings.server.workers > 1 and any(m.backend == name for m in settings.models):
+                raise ConfigError(
+                    "server.workers",
+                    f"must be 1 with a vllm backend (backends.{name}): every worker would load its own engine onto "
+                    "the same GPUs; vLLM batches all requests in one engine, so one worker is enough",
+                )
             _check_engine_args(f"backends.{name}", backend.engine_args)
 
 

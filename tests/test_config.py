@@ -56,6 +56,16 @@ BAD_CONFIGS = [
     ("no models", BACKEND, "models: no [[models]] declared"),
     ("missing variable", '[server]\nhost = "${LLM_TEST_UNSET_HOST}"\n' + BACKEND + model(), "server.host: environment variable LLM_TEST_UNSET_HOST is not set"),
     ("not toml", "[server\n", "is not valid TOML"),
+    ("key without secret", BACKEND + model() + '[[auth.keys]]\nname = "a"\n', "auth.keys[0]: give exactly one of key or key_sha256"),
+    ("bad key hash", BACKEND + model() + '[[auth.keys]]\nname = "a"\nkey_sha256 = "abc"\n', "auth.keys[0]: key_sha256 must be 64 lowercase hex digits"),
+    ("duplicate key name", BACKEND + model() + '[[auth.keys]]\nname = "a"\nkey = "1"\n[[auth.keys]]\nname = "a"\nkey = "2"\n', "auth.keys[1].name: 'a' is already used by auth.keys[0]"),
+    ("undeclared policy", BACKEND + model() + '[[auth.keys]]\nname = "a"\nkey = "k"\nrate_limit = "gold"\n', "auth.keys[0].rate_limit: no policy 'gold' (declared: none)"),
+    ("scope names unknown model", BACKEND + model() + '[[auth.keys]]\nname = "a"\nkey = "k"\nmodels = ["big"]\n', "auth.keys[0].models[0]: no model 'big' (declared: tiny)"),
+    ("zero rate", BACKEND + model() + "[rate_limits.std]\nrequests_per_minute = 0\n", "rate_limits.std.requests_per_minute: expected int >= 1"),
+    ("unknown policy key", BACKEND + model() + "[rate_limits.std]\nrpm = 5\n", "rate_limits.std.rpm: unknown field"),
+    ("bad state url", BACKEND + model() + '[state]\nurl = "postgres://db"\n', "state: expected memory:// or redis://"),
+    ("sample ratio", BACKEND + model() + "[telemetry]\nsample_ratio = 2.0\n", "telemetry.sample_ratio: expected float <= 1.0"),
+    ("vllm with workers", '[server]\nworkers = 2\n[backends.local]\nkind = "vllm"\n' + model(), "server.workers: must be 1 with a vllm backend"),
 ]  # fmt: skip
 
 

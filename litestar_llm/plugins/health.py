@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from litestar import Response, get
 from litestar.config.app import AppConfig
+from litestar.di import NamedDependency
 from litestar.plugins import InitPlugin
 
 from litestar_llm.engine.registry import EngineRegistry
@@ -15,7 +16,7 @@ async def health() -> dict[str, str]:
 
 
 @get("/ready", opt={"exclude_from_auth": True}, include_in_schema=False)
-async def ready(registry: EngineRegistry) -> Response[dict]:
+async def ready(registry: NamedDependency[EngineRegistry]) -> Response[dict]:
     models = {name: {"ready": engine.ready, **engine.stats()} for name, engine in registry}
     ok = registry.ready
     return Response({"status": "ready" if ok else "loading", "models": models}, status_code=200 if ok else 503)

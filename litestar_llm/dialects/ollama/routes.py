@@ -10,6 +10,7 @@ from pathlib import Path
 
 import msgspec
 from litestar import Request, Response, Router, delete, get, head, post
+from litestar.di import NamedDependency
 
 from litestar_llm import __version__
 from litestar_llm.dialects.common import guarded_stream, unless_disconnected
@@ -92,7 +93,7 @@ def _load_answer(cls: type, model: str, keep_alive: object, **fields: object) ->
 
 
 @post("/api/generate", status_code=200)
-async def generate(request: Request, registry: EngineRegistry) -> Response:
+async def generate(request: Request, registry: NamedDependency[EngineRegistry]) -> Response:
     started = time.perf_counter()
     body = decode_body(await request.body(), wire.GenerateRequest)
     engine, model = resolve(registry, body.model)
@@ -116,7 +117,7 @@ async def generate(request: Request, registry: EngineRegistry) -> Response:
 
 
 @post("/api/chat", status_code=200)
-async def chat(request: Request, registry: EngineRegistry) -> Response:
+async def chat(request: Request, registry: NamedDependency[EngineRegistry]) -> Response:
     started = time.perf_counter()
     body = decode_body(await request.body(), wire.ChatRequest)
     engine, model = resolve(registry, body.model)
@@ -168,14 +169,14 @@ async def _collect(stream: AsyncIterator[tuple[int, Delta]], first: Delta) -> tu
 
 
 @post("/api/embed", status_code=200)
-async def embed(request: Request, registry: EngineRegistry) -> Response:
+async def embed(request: Request, registry: NamedDependency[EngineRegistry]) -> Response:
     body = decode_body(await request.body(), wire.EmbedRequest)
     engine, _ = resolve(registry, body.model)
     raise _cannot_embed(engine)
 
 
 @post("/api/embeddings", status_code=200)
-async def embeddings(request: Request, registry: EngineRegistry) -> Response:
+async def embeddings(request: Request, registry: NamedDependency[EngineRegistry]) -> Response:
     body = decode_body(await request.body(), wire.EmbeddingsRequest)
     engine, _ = resolve(registry, body.model)
     raise _cannot_embed(engine)
@@ -198,7 +199,7 @@ async def _digest(engine: Engine) -> str:
 
 
 @get("/api/tags")
-async def tags(registry: EngineRegistry) -> Response[bytes]:
+async def tags(registry: NamedDependency[EngineRegistry]) -> Response[bytes]:
     models = []
     for name, engine in registry:
         info = engine.info
@@ -221,7 +222,7 @@ async def tags_head() -> Response[None]:
 
 
 @get("/api/ps")
-async def ps(registry: EngineRegistry) -> Response[bytes]:
+async def ps(registry: NamedDependency[EngineRegistry]) -> Response[bytes]:
     running = []
     for name, engine in registry:
         if not engine.ready:
@@ -243,7 +244,7 @@ async def ps(registry: EngineRegistry) -> Response[bytes]:
 
 
 @post("/api/show", status_code=200)
-async def show(request: Request, registry: EngineRegistry) -> Response[bytes]:
+async def show(request: Request, registry: NamedDependency[EngineRegistry]) -> Response[bytes]:
     body = decode_body(await request.body(), wire.ModelRequest)
     if not body.model_name:
         raise InvalidRequestError("model is required")
@@ -272,7 +273,7 @@ STORE_MESSAGE = "models are declared in server.toml ([[models]]), not managed th
 
 
 @post("/api/pull", status_code=200)
-async def pull(request: Request, registry: EngineRegistry) -> Response[bytes]:
+async def pull(request: Request, registry: NamedDependency[EngineRegistry]) -> Response[bytes]:
     """Pulling a model that is already declared succeeds (clients pull before use); anything else says why not."""
     body = decode_body(await request.body(), wire.ModelRequest)
     resolve(registry, body.model_name or "")
@@ -290,7 +291,7 @@ async def delete_model(request: Request) -> Response[bytes]:
 
 
 @post(["/api/blobs/{digest:str}"], status_code=200)
-async def blobs(request: Request, digest: str) -> Response[bytes]:
+async def blobs(request: Request) -> Response[bytes]:
     raise InvalidRequestError(f"/api/blobs is not available: {STORE_MESSAGE}")
 
 

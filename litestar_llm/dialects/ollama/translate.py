@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
+import msgspec
+
 from litestar_llm.config import ModelConfig, SamplingDefaults
 from litestar_llm.dialects.ollama import wire
 from litestar_llm.engine.base import Engine, ModelInfo
@@ -70,9 +72,10 @@ def sampling(
     )
 
 
-def check_format(format_: str | dict | None, info: ModelInfo) -> None:
+def constrained(params: SamplingParams, format_: str | dict | None, info: ModelInfo) -> SamplingParams:
+    """`format`: "json" or a JSON schema, honoured by constrained decoding where the backend has it."""
     if format_ in (None, ""):
-        return
+        return params
     if format_ != "json" and not isinstance(format_, dict):
         raise InvalidRequestError(f'invalid format {format_!r}: use "json" or a JSON schema')
     if not info.structured_output:
@@ -80,6 +83,9 @@ def check_format(format_: str | dict | None, info: ModelInfo) -> None:
             f"format needs constrained decoding, which the {info.backend} backend serving '{info.name}' does not "
             "support; use a model on a backend that does (vllm)"
         )
+    if isinstance(format_, dict):
+        return msgspec.structs.replace(params, json_schema=format_)
+    return msgspec.structs.replace(params, json_object=True)
 
 
 def generate_request(body: wire.GenerateRequest, model: ModelConfig, info: ModelInfo) -> GenerationRequest:
@@ -89,8 +95,7 @@ def generate_request(body: wire.GenerateRequest, model: ModelConfig, info: Model
         raise InvalidRequestError("images are not supported by this server")
     if body.suffix:
         raise InvalidRequestError("suffix (fill-in-the-middle) is not supported by this server")
-    check_format(body.format, info)
-    params = sampling(body.options, model.defaults, body.logprobs, body.top_logprobs)
+    params = constrained(sampling(body.options, model.defaults, body.logprobs, body.top_logprobs), body.format, info)
     if body.raw:
         return GenerationRequest(model=body.model, prompt=body.prompt, sampling=params, add_generation_prompt=False)
     messages = [ChatMessage(role="system", content=body.system)] if body.system else []
@@ -103,11 +108,9 @@ def chat_request(body: wire.ChatRequest, model: ModelConfig, info: ModelInfo) ->
         raise InvalidRequestError("tools are not supported by this server")
     if any(m.images for m in body.messages):
         raise InvalidRequestError("images are not supported by this server")
-    check_format(body.format, info)
+    params = constrained(sampling(body.options, model.defaults, body.logprobs, body.top_logprobs), body.format, info)
     return GenerationRequest(
-        model=body.model,
-        messages=[ChatMessage(role=m.role, content=m.content) for m in body.messages],
-        sampling=sampling(body.options, model.defaults, body.logprobs, body.top_logprobs),
+        model=body.model, messages=[ChatMessage(role=m.role, content=m.content) for m in body.messages], sampling=params
     )
 
 

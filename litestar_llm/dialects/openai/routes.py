@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import msgspec
 from litestar import Request, Response, Router, get, post
+from litestar.di import NamedDependency
 from litestar.response import Stream
 
 from litestar_llm.dialects.common import guarded_stream, unless_disconnected
@@ -45,20 +46,20 @@ def _event_stream(chunks: AsyncIterator[bytes], deltas: AsyncIterator) -> Stream
 
 
 @get("/v1/models")
-async def list_models(registry: EngineRegistry) -> Response[bytes]:
+async def list_models(registry: NamedDependency[EngineRegistry]) -> Response[bytes]:
     data = [wire.Model(id=name, created=engine.info.created, owned_by="litestar-llm") for name, engine in registry]
     return _json(wire.ModelList(data=data))
 
 
 @get("/v1/models/{model_id:path}")
-async def get_model(model_id: str, registry: EngineRegistry) -> Response[bytes]:
+async def get_model(model_id: str, registry: NamedDependency[EngineRegistry]) -> Response[bytes]:
     model_id = model_id.lstrip("/")
     engine, _config = registry.resolve(model_id)
     return _json(wire.Model(id=model_id, created=engine.info.created, owned_by="litestar-llm"))
 
 
 @post("/v1/chat/completions", status_code=200)
-async def chat_completions(request: Request, registry: EngineRegistry) -> Response:
+async def chat_completions(request: Request, registry: NamedDependency[EngineRegistry]) -> Response:
     body = decode_body(await request.body(), wire.ChatCompletionRequest)
     engine, model = registry.resolve(body.model)
     generation = chat_request(body, model.defaults, engine.info)
@@ -134,7 +135,7 @@ async def _chat_chunks(
 
 
 @post("/v1/completions", status_code=200)
-async def completions(request: Request, registry: EngineRegistry) -> Response:
+async def completions(request: Request, registry: NamedDependency[EngineRegistry]) -> Response:
     body = decode_body(await request.body(), wire.CompletionRequest)
     engine, model = registry.resolve(body.model)
     generations = completion_requests(body, model.defaults)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import msgspec
 from msgspec import UNSET
 
 from litestar_llm.config import SamplingDefaults
@@ -75,12 +76,22 @@ def chat_request(body: wire.ChatCompletionRequest, defaults: SamplingDefaults, i
     ]
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not UNSET else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return GenerationRequest(
-        model=body.model,
-        messages=messages,
-        sampling=sampling_params(body, defaults, max_tokens=max_tokens, logprobs=logprobs),
-        n=body.n,
-    )
+    sampling = sampling_params(body, defaults, max_tokens=max_tokens, logprobs=logprobs)
+    if body.response_format is not None and body.response_format.type != "text":
+        sampling = msgspec.structs.replace(sampling, **_constraint(body.response_format))
+    return GenerationRequest(model=body.model, messages=messages, sampling=sampling, n=body.n)
+
+
+def _constraint(response_format: wire.ResponseFormat) -> dict:
+    if response_format.type == "json_object":
+        return {"json_object": True}
+    schema = (response_format.json_schema or {}).get("schema")
+    if not isinstance(schema, dict):
+        raise InvalidRequestError(
+            "response_format.json_schema.schema: a JSON schema object is required",
+            param="response_format.json_schema.schema",
+        )
+    return {"json_schema": schema}
 
 
 def completion_requests(body: wire.CompletionRequest, defaults: SamplingDefaults) -> list[GenerationRequest]:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import msgspec
 from litestar import Request, Response, Router, delete, get, post
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 
 from litestar_llm.dialects.common import guarded_stream, unless_disconnected
 from litestar_llm.dialects.openai import wire as openai_wire
@@ -57,7 +57,9 @@ class EventWriter:
 
 
 @post("/v1/responses", status_code=200)
-async def create_response(request: Request, registry: EngineRegistry, responses: ResponseStore) -> Response:
+async def create_response(
+    request: Request, registry: NamedDependency[EngineRegistry], responses: NamedDependency[ResponseStore]
+) -> Response:
     body = decode_body(await request.body(), wire.CreateResponse)
     engine, model = registry.resolve(body.model)
     check_supported(body, engine.info)
@@ -154,7 +156,7 @@ async def response_events(
 
 
 @get("/v1/responses/{response_id:str}")
-async def retrieve_response(response_id: str, responses: ResponseStore) -> Response:
+async def retrieve_response(response_id: str, responses: NamedDependency[ResponseStore]) -> Response:
     record = await responses.get(response_id)
     if record is None:
         raise ResponseNotFoundError(f"Response with id '{response_id}' not found.")
@@ -162,7 +164,7 @@ async def retrieve_response(response_id: str, responses: ResponseStore) -> Respo
 
 
 @delete("/v1/responses/{response_id:str}", status_code=200)
-async def delete_response(response_id: str, responses: ResponseStore) -> Response:
+async def delete_response(response_id: str, responses: NamedDependency[ResponseStore]) -> Response:
     if not await responses.delete(response_id):
         raise ResponseNotFoundError(f"Response with id '{response_id}' not found.")
     return Response(encode(wire.DeletedResponse(id=response_id)), media_type=JSON)

@@ -75,6 +75,9 @@ def _item_text(content: str | list[wire.InputPart], index: int) -> str:
 def sampling_params(body: wire.CreateResponse, defaults: SamplingDefaults) -> SamplingParams:
     """The request's values, else the model's defaults, else OpenAI's. The Responses API has no stop, seed or
     top_k of its own, so those come from [models.defaults] alone."""
+    fmt = body.text.format if body.text is not None else wire.TextFormat(type="text")
+    if fmt.type == "json_schema" and not isinstance(fmt.schema, dict):
+        raise InvalidRequestError("text.format.schema: a JSON schema object is required", param="text.format.schema")
 
     def pick(sent: float | None, configured: float | None) -> float:
         return sent if sent is not None else (configured if configured is not None else 1.0)
@@ -88,6 +91,8 @@ def sampling_params(body: wire.CreateResponse, defaults: SamplingDefaults) -> Sa
         seed=defaults.seed,
         max_tokens=body.max_output_tokens or defaults.max_tokens,
         stop=list(defaults.stop or []),
+        json_object=fmt.type == "json_object",
+        json_schema=fmt.schema if fmt.type == "json_schema" else None,
     )
 
 
