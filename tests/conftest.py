@@ -79,6 +79,16 @@ class Server:
     def stats(self, model: str = "tiny") -> dict:
         return httpx.get(f"{self.url}/ready", timeout=5).json()["models"][model]
 
+    def wait_idle(self, model: str = "tiny", timeout: float = 20) -> dict:
+        """The model's stats once nothing runs or waits (and nothing is in flight, where the engine counts that)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats(model)
+            if stats["running"] == 0 and stats["waiting"] == 0 and stats.get("in_flight", 0) == 0:
+                return stats
+            assert time.monotonic() < deadline, f"generation still running after the client left: {stats}"
+            time.sleep(0.05)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)

@@ -44,3 +44,14 @@ def openai(name: str, instance: object) -> None:
 
 def ollama(name: str, instance: object) -> None:
     assert_valid("ollama_schemas.json", name, instance)
+
+
+def assert_openai_error(response, status: int, param: str | None, error_type: str = "invalid_request_error") -> dict:
+    """An OpenAI-shaped error with the right status, `param` and `type`, valid against OpenAI's ErrorResponse."""
+    assert response.status_code == status, response.text
+    error = response.json()
+    openai("ErrorResponse", error)
+    assert error["error"]["message"]
+    assert error["error"]["param"] == param
+    assert error["error"]["type"] == error_type
+    return error

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 
 import httpx
 import openai
@@ -63,16 +62,6 @@ def test_concurrent_greedy_results_match_sequential(server, openai_client) -> No
     assert _concurrently(server, 6)[3][0] == alone
 
 
-def _wait_idle(server, timeout: float = 10) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = server.stats()
-        if stats["running"] == 0 and stats["waiting"] == 0:
-            return stats
-        time.sleep(0.05)
-    raise AssertionError(f"generation still running after the client left: {server.stats()}")
-
-
 def test_disconnect_mid_stream_frees_the_slot(server) -> None:
     body = {"model": "tiny", "prompt": "The", "max_tokens": 1500, "temperature": 0, "stream": True}
     before = server.stats()
@@ -82,7 +71,7 @@ def test_disconnect_mid_stream_frees_the_slot(server) -> None:
         for _ in range(5):
             next(lines)
         assert server.stats()["running"] == 1
-    stats = _wait_idle(server)
+    stats = server.wait_idle()
     # It stopped long before its 1500 tokens.
     assert stats["generated_tokens"] - before["generated_tokens"] < 1000
 
@@ -92,5 +81,5 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer_frees_the_slot(serve
     before = server.stats()
     with contextlib.suppress(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.5)
-    stats = _wait_idle(server)
+    stats = server.wait_idle()
     assert stats["generated_tokens"] - before["generated_tokens"] < 1000

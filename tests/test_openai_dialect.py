@@ -231,12 +231,7 @@ def test_bad_chat_requests(server, case: str, body, status: int, param: str | No
     response = httpx.post(
         f"{server.url}/v1/chat/completions", content=content, headers={"content-type": "application/json"}, timeout=30
     )
-    assert response.status_code == status, response.text
-    error = response.json()
-    schemas.openai("ErrorResponse", error)
-    assert error["error"]["message"]
-    assert error["error"]["param"] == param
-    assert error["error"]["type"] == "invalid_request_error"
+    schemas.assert_openai_error(response, status, param)
 
 
 @pytest.mark.parametrize(

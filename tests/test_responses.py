@@ -218,12 +218,7 @@ def test_bad_requests(server, case: str, body, status: int, param: str | None) -
     response = httpx.post(
         f"{server.url}/v1/responses", content=content, headers={"content-type": "application/json"}, timeout=30
     )
-    assert response.status_code == status, response.text
-    error = response.json()
-    schemas.openai("ErrorResponse", error)
-    assert error["error"]["message"]
-    assert error["error"]["param"] == param
-    assert error["error"]["type"] == "invalid_request_error"
+    schemas.assert_openai_error(response, status, param)
 
 
 def test_harmless_fields_are_ignored(server) -> None:
@@ -254,16 +249,6 @@ def test_openai_client_raises_typed_errors(openai_client: openai.OpenAI) -> None
     assert bad.value.param == "tools"
 
 
-def _wait_idle(server, timeout: float = 10) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = server.stats()
-        if stats["running"] == 0 and stats["waiting"] == 0:
-            return stats
-        time.sleep(0.05)
-    raise AssertionError(f"generation still running after the client left: {server.stats()}")
-
-
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
 def test_disconnect_cancels_generation(server, stream: bool) -> None:
     body = {"model": "tiny", "input": HELLO, "max_output_tokens": 1500, "temperature": 0, "stream": stream}
@@ -276,7 +261,7 @@ def test_disconnect_cancels_generation(server, stream: bool) -> None:
     else:
         with contextlib.suppress(httpx.ReadTimeout):
             httpx.post(f"{server.url}/v1/responses", json=body, timeout=0.5)
-    stats = _wait_idle(server)
+    stats = server.wait_idle()
     assert stats["generated_tokens"] - before["generated_tokens"] < 1000  # it stopped long before 1500 tokens
 
 

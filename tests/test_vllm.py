@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import httpx
@@ -119,16 +118,6 @@ def ollama_client(vllm_server: Server):
 
 def greedy_chat(client: openai.OpenAI, **kwargs):
     return client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, **kwargs)
-
-
-def wait_idle(server: Server, timeout: float = 20) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = server.stats()
-        if stats["running"] == 0 and stats["waiting"] == 0 and stats["in_flight"] == 0:
-            return stats
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.1)
 
 
 def test_ready_and_model_facts(vllm_server: Server, client: openai.OpenAI) -> None:
@@ -288,12 +277,12 @@ def test_disconnect_aborts_the_generation(vllm_server: Server) -> None:
         for _ in range(5):
             next(lines)
         assert vllm_server.stats()["in_flight"] == 1
-    stats = wait_idle(vllm_server)
+    stats = vllm_server.wait_idle()
     assert stats["generated_tokens"] - before["generated_tokens"] < 600  # stopped long before its 900 tokens
     # The non-streamed answer, abandoned while it is generated, is aborted too.
     with contextlib.suppress(httpx.ReadTimeout):
         httpx.post(f"{vllm_server.url}/v1/completions", json={**body, "stream": False}, timeout=0.5)
-    wait_idle(vllm_server)
+    vllm_server.wait_idle()
 
 
 def test_same_greedy_text_as_vllms_own_llm(client: openai.OpenAI, reference) -> None:
