@@ -66,8 +66,9 @@ def main() -> None:
         print(f"\ngateway / direct (median of {args.rounds} rounds; tok/s higher is better, TTFT lower is better)")
         for c, direct, through in summary:
             added = (through["ttft_p50"] - direct["ttft_p50"]) * 1000
+            ratio = through["tok_s"] / direct["tok_s"]
             print(
-                f"C={c:<3} tok/s {through['tok_s']:8.1f} / {direct['tok_s']:8.1f} = {through['tok_s'] / direct['tok_s']:.3f}x"
+                f"C={c:<3} tok/s {through['tok_s']:8.1f} / {direct['tok_s']:8.1f} = {ratio:.3f}x"
                 f"   TTFT p50 {through['ttft_p50'] * 1000:6.1f} / {direct['ttft_p50'] * 1000:6.1f} ms"
                 f"   added TTFT p50 {added:+.2f} ms"
             )

@@ -96,7 +96,10 @@ class TelemetryPlugin(InitPlugin):
         app_config.plugins.append(
             OpenTelemetryPlugin(
                 OpenTelemetryConfig(
-                    tracer_provider=self.tracer_provider, meter_provider=self.meter_provider, exclude=["/metrics"]
+                    tracer_provider=self.tracer_provider,
+                    meter_provider=self.meter_provider,
+                    exclude=["/metrics"],
+                    exclude_spans=["receive", "send"],  # not a span per streamed chunk: the hot path stays O(1)
                 )
             )
         )
