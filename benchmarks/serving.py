@@ -262,47 +262,49 @@ def main() -> None:
     args = parser.parse_args()
     levels = args.concurrency or [1, 16]
 
-    targets: list[tuple[str, str, str, Process | None]] = []
+    # One server at a time, each warmed up first (compilation, caches, first allocations), so no idle server
+    # shares the cores and no first-request cost lands in the figures.
+    engine_args = {k: _value(v) for k, _, v in (a.partition("=") for a in args.engine_arg)}
+    starters: list[tuple[str, object]] = []
     if args.base_url:
-        targets.append(("server", args.base_url, args.model, None))
-    try:
-        engine_args = {k: _value(v) for k, _, v in (a.partition("=") for a in args.engine_arg)}
-        if args.ours:
-            proc, url, model = start_ours(args.model_path, args.backend, engine_args)
-            targets.append(("litestar-llm", url, model, proc))
-        if args.telemetry_off:
-            proc, url, model = start_ours(args.model_path, args.backend, engine_args, telemetry=False)
-            targets.append(("telemetry off", url, model, proc))
-        if args.mlx_lm:
-            proc, url, model = start_mlx_lm(args.model_path)
-            targets.append(("mlx_lm.server", url, model, proc))
-        if args.vllm:
-            proc, url, model = start_vllm(args.model_path, engine_args)
-            targets.append(("vllm serve", url, model, proc))
-        table: dict[tuple[str, int], dict] = {}
-        for c in levels:
-            n = args.requests or max(8 * c, 32)
-            for name, url, model, _ in targets:
-                table[name, c] = asyncio.run(run_load(url, model, n, c, args.max_tokens))
-                show(name, c, table[name, c])
-            if args.raw:
-                print(f"{'raw mlx-lm':<14} C={c:<3} {raw_ceiling(args.model_path, c, args.max_tokens):26.1f} tok/s")
-        names = {name for name, *_ in targets}
-        for reference in ("mlx_lm.server", "vllm serve", "telemetry off"):
-            if "litestar-llm" not in names or reference not in names:
-                continue
-            print(f"\nratios litestar-llm / {reference} (tok/s higher is better; TTFT lower is better)")
+        starters.append(("server", lambda: (None, args.base_url, args.model)))
+    if args.ours:
+        starters.append(("litestar-llm", lambda: start_ours(args.model_path, args.backend, engine_args)))
+    if args.telemetry_off:
+        starters.append(
+            ("telemetry off", lambda: start_ours(args.model_path, args.backend, engine_args, telemetry=False))
+        )
+    if args.mlx_lm:
+        starters.append(("mlx_lm.server", lambda: start_mlx_lm(args.model_path)))
+    if args.vllm:
+        starters.append(("vllm serve", lambda: start_vllm(args.model_path, engine_args)))
+    table: dict[tuple[str, int], dict] = {}
+    targets = [name for name, _ in starters]
+    for name, start in starters:
+        proc, url, model = start()
+        try:
+            asyncio.run(run_load(url, model, 2 * max(levels), max(levels), args.max_tokens))  # warm-up, not counted
             for c in levels:
-                ours, ref = table["litestar-llm", c], table[reference, c]
-                ratios = {k: ours[k] / ref[k] for k in ("tok_s", "ttft_p50", "itl_p50")}
-                print(
-                    f"C={c:<3} tok/s {ratios['tok_s']:.2f}x   TTFT p50 {ratios['ttft_p50']:.2f}x   "
-                    f"ITL p50 {ratios['itl_p50']:.2f}x"
-                )
-    finally:
-        for *_, proc in targets:
+                table[name, c] = asyncio.run(run_load(url, model, args.requests or max(8 * c, 32), c, args.max_tokens))
+                show(name, c, table[name, c])
+        finally:
             if proc is not None:
                 proc.stop()
+    if args.raw:
+        for c in levels:
+            print(f"{'raw mlx-lm':<14} C={c:<3} {raw_ceiling(args.model_path, c, args.max_tokens):26.1f} tok/s")
+    names = set(targets)
+    for reference in ("mlx_lm.server", "vllm serve", "telemetry off"):
+        if "litestar-llm" not in names or reference not in names:
+            continue
+        print(f"\nratios litestar-llm / {reference} (tok/s higher is better; TTFT lower is better)")
+        for c in levels:
+            ours, ref = table["litestar-llm", c], table[reference, c]
+            ratios = {k: ours[k] / ref[k] for k in ("tok_s", "ttft_p50", "itl_p50")}
+            print(
+                f"C={c:<3} tok/s {ratios['tok_s']:.2f}x   TTFT p50 {ratios['ttft_p50']:.2f}x   "
+                f"ITL p50 {ratios['itl_p50']:.2f}x"
+            )
 
 
 if __name__ == "__main__":
