@@ -329,11 +329,11 @@ def test_least_in_flight_balances_equal_replicas(client: openai.OpenAI, gateway:
         ).usage.prompt_tokens
 
     with ThreadPoolExecutor(8) as pool:
-        prompt_lengths = set(pool.map(one, range(40)))
+        prompt_lengths = set(pool.map(one, range(100)))
     [prompt_length] = prompt_lengths
     # counted by the upstreams themselves: every request adds its prompt to their prompt_tokens
     counts = [(s.stats()["prompt_tokens"] - b) // prompt_length for s, b in zip(upstreams, before, strict=True)]
-    assert sum(counts) == 40 and abs(counts[0] - counts[1]) <= 4, counts
+    assert sum(counts) == 100 and abs(counts[0] - counts[1]) <= 10, counts  # within 10% of the load
     served = [r["served"] - b for r, b in zip(replica_stats(gateway, "tiny"), served_before, strict=True)]
     assert served == counts
 
