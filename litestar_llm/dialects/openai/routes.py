@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.di import NamedDependency
+from litestar.params import FromPath
 from litestar.response import Stream
 
 from litestar_llm.dialects.common import guarded_stream, unless_disconnected
@@ -52,7 +53,7 @@ async def list_models(registry: NamedDependency[EngineRegistry]) -> Response[byt
 
 
 @get("/v1/models/{model_id:path}")
-async def get_model(model_id: str, registry: NamedDependency[EngineRegistry]) -> Response[bytes]:
+async def get_model(model_id: FromPath[str], registry: NamedDependency[EngineRegistry]) -> Response[bytes]:
     model_id = model_id.lstrip("/")
     engine, _config = registry.resolve(model_id)
     return _json(wire.Model(id=model_id, created=engine.info.created, owned_by="litestar-llm"))

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import msgspec
 from litestar import Request, Response, Router, delete, get, post
 from litestar.di import NamedDependency, Provide
+from litestar.params import FromPath
 
 from litestar_llm.dialects.common import guarded_stream, unless_disconnected
 from litestar_llm.dialects.openai import wire as openai_wire
@@ -156,7 +157,7 @@ async def response_events(
 
 
 @get("/v1/responses/{response_id:str}")
-async def retrieve_response(response_id: str, responses: NamedDependency[ResponseStore]) -> Response:
+async def retrieve_response(response_id: FromPath[str], responses: NamedDependency[ResponseStore]) -> Response:
     record = await responses.get(response_id)
     if record is None:
         raise ResponseNotFoundError(f"Response with id '{response_id}' not found.")
@@ -164,7 +165,7 @@ async def retrieve_response(response_id: str, responses: NamedDependency[Respons
 
 
 @delete("/v1/responses/{response_id:str}", status_code=200)
-async def delete_response(response_id: str, responses: NamedDependency[ResponseStore]) -> Response:
+async def delete_response(response_id: FromPath[str], responses: NamedDependency[ResponseStore]) -> Response:
     if not await responses.delete(response_id):
         raise ResponseNotFoundError(f"Response with id '{response_id}' not found.")
     return Response(encode(wire.DeletedResponse(id=response_id)), media_type=JSON)
