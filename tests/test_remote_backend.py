@@ -320,22 +320,28 @@ def test_upstream_4xx_reaches_the_client_in_its_dialect(client: openai.OpenAI, g
 
 
 def test_least_in_flight_balances_equal_replicas(client: openai.OpenAI, gateway: Server, upstreams) -> None:
-    before = [s.stats()["prompt_tokens"] for s in upstreams]
-    served_before = [r["served"] for r in replica_stats(gateway, "tiny")]
-
     def one(_: int) -> int:
         return client.chat.completions.create(
             model="tiny", messages=HELLO, temperature=0, max_tokens=8
         ).usage.prompt_tokens
 
+    def upstream_counts(load) -> list[int]:
+        """Requests each upstream served during `load`, counted by the upstreams themselves (their prompt_tokens)."""
+        before = [s.stats()["prompt_tokens"] for s in upstreams]
+        served_before = [r["served"] for r in replica_stats(gateway, "tiny")]
+        [prompt_length] = set(load())
+        counts = [(s.stats()["prompt_tokens"] - b) // prompt_length for s, b in zip(upstreams, before, strict=True)]
+        served = [r["served"] - b for r, b in zip(replica_stats(gateway, "tiny"), served_before, strict=True)]
+        assert served == counts  # the gateway's own bookkeeping agrees with the upstreams
+        return counts
+
+    # One at a time both replicas are always idle: ties go round-robin, an exact split.
+    assert upstream_counts(lambda: [one(i) for i in range(40)]) == [20, 20]
+    # Under concurrent load the replica with fewer requests in flight gets the next one. On this 2-core machine the
+    # replicas share the cores with the gateway and the client, so one is often faster and rightly gets more.
     with ThreadPoolExecutor(8) as pool:
-        prompt_lengths = set(pool.map(one, range(100)))
-    [prompt_length] = prompt_lengths
-    # counted by the upstreams themselves: every request adds its prompt to their prompt_tokens
-    counts = [(s.stats()["prompt_tokens"] - b) // prompt_length for s, b in zip(upstreams, before, strict=True)]
-    assert sum(counts) == 100 and abs(counts[0] - counts[1]) <= 10, counts  # within 10% of the load
-    served = [r["served"] - b for r, b in zip(replica_stats(gateway, "tiny"), served_before, strict=True)]
-    assert served == counts
+        counts = upstream_counts(lambda: list(pool.map(one, range(100))))
+    assert sum(counts) == 100 and min(counts) >= 30, counts
 
 
 def test_client_disconnect_stops_the_upstream_generation(gateway: Server, upstreams) -> None:
