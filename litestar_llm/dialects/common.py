@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+import msgspec
 from litestar import Request
 from litestar.response import Stream
 
@@ -62,3 +64,13 @@ def guarded_stream(
             await deltas.aclose()
 
     return Stream(guarded(), media_type=media_type, headers=headers)
+
+
+def invalid_field(exc: msgspec.ValidationError) -> tuple[str | None, str, bool]:
+    """msgspec's validation error as (the field's path, the message without backticks, whether the field is missing),
+    for each dialect to word in its own way."""
+    text, _, at = str(exc).partition(" - at `$")
+    field = at.rstrip("`").lstrip(".") or None
+    if m := re.match(r"Object missing required field `(.+)`", text):
+        return (f"{field}.{m.group(1)}" if field else m.group(1)), "", True
+    return field, text.replace("`", ""), False

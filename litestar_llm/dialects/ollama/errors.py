@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import re
 from typing import TypeVar
 
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
+from litestar_llm.dialects.common import invalid_field
 from litestar_llm.dialects.ollama import wire
 from litestar_llm.errors import InvalidRequestError, LitestarLLMError, ModelNotFoundError
 
@@ -23,11 +23,9 @@ def decode_body(body: bytes, type_: type[T]) -> T:
     try:
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
-        text, _, at = str(exc).partition(" - at `$")
-        field = at.rstrip("`").lstrip(".")
-        if m := re.match(r"Object missing required field `(.+)`", text):
-            field, text = (f"{field}.{m.group(1)}" if field else m.group(1)), "is required"
-        raise InvalidRequestError(f"{field}: {text.replace('`', '')}" if field else text) from None
+        field, text, missing = invalid_field(exc)
+        text = "is required" if missing else text
+        raise InvalidRequestError(f"{field}: {text}" if field else text) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequestError(f"invalid JSON: {exc}") from None
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import re
 from typing import TypeVar
 
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
+from litestar_llm.dialects.common import invalid_field
 from litestar_llm.dialects.openai import wire
 from litestar_llm.errors import InvalidRequestError, LitestarLLMError, ModelNotFoundError
 
@@ -35,13 +35,9 @@ def decode_body(body: bytes, type_: type[T]) -> T:
     try:
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
-        text, _, at = str(exc).partition(" - at `$")
-        param = at.rstrip("`").lstrip(".") or None
-        if m := re.match(r"Object missing required field `(.+)`", text):
-            param = f"{param}.{m.group(1)}" if param else m.group(1)
-            text = "required field is missing"
-        message = f"{param}: {text.replace('`', '')}" if param else text.replace("`", "")
-        raise InvalidRequestError(message, param=param) from None
+        param, text, missing = invalid_field(exc)
+        text = "required field is missing" if missing else text
+        raise InvalidRequestError(f"{param}: {text}" if param else text, param=param) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
 
