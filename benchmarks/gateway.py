@@ -8,12 +8,17 @@ The upstream is litestar-llm serving --model-path with MLX; the gateway is a sec
 at most C in flight, `--max-tokens` tokens each at temperature 0). Direct and gateway runs alternate, `--rounds` of
 each, so a shared machine's drifting load hits both alike; the median round is printed, then the ratio of output
 tokens/s (target >= 0.95) and the TTFT p50 the hop adds (target < 2 ms).
+
+The upstream is pinned to one half of the CPUs and the gateway and the load generator to the other, as a gateway in
+front of GPU servers runs beside them, not on them: otherwise every millisecond of the gateway's CPU is taken from
+the upstream and shows up as upstream latency, not as the cost of the hop. Both targets see the same upstream.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -47,7 +52,13 @@ def main() -> None:
     args = parser.parse_args()
     levels = args.concurrency or [16, 64]
 
+    # A child inherits its parent's CPUs: pin this process to each half in turn while starting that half's server.
+    cpus = sorted(os.sched_getaffinity(0))
+    halves = [set(cpus[: len(cpus) // 2]), set(cpus[len(cpus) // 2 :])] if len(cpus) > 1 else [set(cpus)] * 2
+    print(f"upstream on CPUs {sorted(halves[0])}; gateway and load generator on CPUs {sorted(halves[1])}")
+    os.sched_setaffinity(0, halves[0])
     upstream, upstream_url, model = start_ours(args.model_path)
+    os.sched_setaffinity(0, halves[1])
     gateway = None
     try:
         gateway, gateway_url, _ = start_gateway(upstream_url, model)

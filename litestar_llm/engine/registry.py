@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_MODEL_LOAD = 3
 
-# Backend kind → engine class, imported only when a model uses it (mlx, vllm, httpx are optional installs).
+# Backend kind → engine class, imported only when a model uses it (mlx-lm, vllm, aiohttp are optional installs).
 ENGINE_CLASSES = {
     "mlx": "litestar_llm.engine.mlx:MLXEngine",
     "vllm": "litestar_llm.engine.vllm:VLLMEngine",
