@@ -168,6 +168,7 @@ class Process:
     """A server started for the run, stopped at the end."""
 
     def __init__(self, argv: list[str], ready_url: str, cwd: str | None = None) -> None:
+        self.ready_url = ready_url
         self.log = tempfile.NamedTemporaryFile(prefix="bench-", suffix=".log", delete=False)  # noqa: SIM115 - kept for the run
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
         deadline = time.monotonic() + 300
