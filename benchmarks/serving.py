@@ -170,7 +170,10 @@ class Process:
     def __init__(self, argv: list[str], ready_url: str, cwd: str | None = None) -> None:
         self.ready_url = ready_url
         self.log = tempfile.NamedTemporaryFile(prefix="bench-", suffix=".log", delete=False)  # noqa: SIM115 - kept for the run
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+        # Its own process group (to stop it whole) but not its own session: Linux's scheduler autogroups split the
+        # CPU between sessions, which would give a server and all its processes one share against the load
+        # generator's, and halve a CPU-bound server's figures.
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd, process_group=0)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
