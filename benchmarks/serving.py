@@ -104,10 +104,12 @@ async def _stream_once(
     return result
 
 
-async def run_load(url: str, model: str, requests: int, concurrency: int, max_tokens: int) -> dict:
+async def run_load(
+    url: str, model: str, requests: int, concurrency: int, max_tokens: int, keep_alive: bool = False
+) -> dict:
     gate = asyncio.Semaphore(concurrency)
-    # A new connection per request: mlx_lm.server closes its connections, and every target gets the same.
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
+    # By default a new connection per request: mlx_lm.server closes its connections, and every target gets the same.
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency if keep_alive else 0)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
 
         async def bounded(prompt: str) -> Result:
@@ -194,14 +196,21 @@ class Process:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def start_ours(model_path: str, backend: str = "mlx", engine_args: dict | None = None, telemetry: bool = True):
+def start_ours(
+    model_path: str,
+    backend: str = "mlx",
+    engine_args: dict | None = None,
+    telemetry: bool = True,
+    backend_fields: dict | None = None,
+):
     port = free_port()
     folder = tempfile.mkdtemp(prefix="bench-")
     config = Path(folder) / "server.toml"
+    fields = "".join(f"{k} = {json.dumps(v)}\n" for k, v in (backend_fields or {}).items())
     args = "".join(f"{k} = {json.dumps(v)}\n" for k, v in (engine_args or {}).items())
     table = f"[backends.local.engine_args]\n{args}" if backend == "vllm" else ""
     config.write_text(
-        f'[server]\nport = {port}\n[backends.local]\nkind = "{backend}"\n{table}'
+        f'[server]\nport = {port}\n[backends.local]\nkind = "{backend}"\n{fields}{table}'
         f'[[models]]\nname = "bench"\nbackend = "local"\nsource = "{Path(model_path).resolve()}"\n'
         + ("" if telemetry else "[telemetry]\nprometheus = false\ntraces = false\n")
     )
