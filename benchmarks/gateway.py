@@ -61,7 +61,7 @@ def decode_steps(upstream: Process) -> int:
 
 async def hop_latency(direct_url: str, gateway_url: str, model: str, pairs: int) -> tuple[float, float, float]:
     """TTFT p50 direct, through the gateway, and the median per-pair difference (seconds), one request at a time."""
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=0)  # a new connection each, as run_load
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=0)  # a new connection each, both targets alike
     direct, through = [], []
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         for url in (direct_url, gateway_url) * 5:  # warm up

@@ -196,6 +196,10 @@ class Process:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+def _toml_lines(values: dict | None) -> str:
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in (values or {}).items())
+
+
 def start_ours(
     model_path: str,
     backend: str = "mlx",
@@ -206,9 +210,8 @@ def start_ours(
     port = free_port()
     folder = tempfile.mkdtemp(prefix="bench-")
     config = Path(folder) / "server.toml"
-    fields = "".join(f"{k} = {json.dumps(v)}\n" for k, v in (backend_fields or {}).items())
-    args = "".join(f"{k} = {json.dumps(v)}\n" for k, v in (engine_args or {}).items())
-    table = f"[backends.local.engine_args]\n{args}" if backend == "vllm" else ""
+    fields = _toml_lines(backend_fields)
+    table = f"[backends.local.engine_args]\n{_toml_lines(engine_args)}" if backend == "vllm" else ""
     config.write_text(
         f'[server]\nport = {port}\n[backends.local]\nkind = "{backend}"\n{fields}{table}'
         f'[[models]]\nname = "bench"\nbackend = "local"\nsource = "{Path(model_path).resolve()}"\n'
