@@ -196,7 +196,8 @@ BAD_REQUESTS = [
     ("bad role", {"model": "tiny", "input": [{"role": "wizard", "content": "x"}]}, 400, "input[0].role"),
     ("no role", {"model": "tiny", "input": [{"content": "x"}]}, 400, "input[0].role"),
     ("image part", {"model": "tiny", "input": [{"role": "user", "content": [{"type": "input_image"}]}]}, 400, "input[0].content[0]"),
-    ("tool output item", {"model": "tiny", "input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, 400, "input[0]"),
+    ("tool output without its call", {"model": "tiny", "input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, 400, "input"),
+    ("unknown item type", {"model": "tiny", "input": [{"type": "web_search_call", "id": "w"}]}, 400, "input[0]"),
     ("temperature too high", {"model": "tiny", "input": "hi", "temperature": 3}, 400, "temperature"),
     ("max_output_tokens string", {"model": "tiny", "input": "hi", "max_output_tokens": "ten"}, 400, "max_output_tokens"),
     ("beyond context", {"model": "tiny", "input": "hi", "max_output_tokens": 100000}, 400, "max_output_tokens"),
@@ -312,11 +313,11 @@ def test_engine_failure_mid_stream_fails_the_response() -> None:
 
     from litestar.stores.memory import MemoryStore
 
-    from litestar_llm.config import SamplingDefaults
     from litestar_llm.dialects.responses import routes, translate, wire
     from litestar_llm.dialects.responses.store import ResponseStore
-    from litestar_llm.engine.types import Delta
+    from litestar_llm.engine.types import Delta, GenerationRequest, SamplingParams
     from litestar_llm.errors import EngineUnavailableError
+    from litestar_llm.serving import Generation
 
     async def deltas():
         yield 0, Delta(text="Hel")
@@ -324,12 +325,11 @@ def test_engine_failure_mid_stream_fails_the_response() -> None:
 
     async def run() -> tuple[list[bytes], ResponseStore]:
         body = wire.CreateResponse(model="tiny", input="hi")
-        draft = translate.in_progress(body, translate.sampling_params(body, SamplingDefaults()), "resp_x", 0)
+        draft = translate.in_progress(body, SamplingParams(), "resp_x", 0)
         store = ResponseStore(MemoryStore(), None, 60)
         stream = deltas()
-        chunks = routes.response_events(
-            stream, await anext(stream), routes.EventWriter(), draft, "msg_x", routes.ResponseSaver(store, True, [])
-        )
+        generation = Generation(None, None, None, [GenerationRequest(model="tiny")], stream, await anext(stream))
+        chunks = routes.response_events(generation, routes.EventWriter(), draft, routes.ResponseSaver(store, True, []))
         return [chunk async for chunk in chunks], store
 
     chunks, store = asyncio.run(run())

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 
 from litestar_llm.caller import current_caller
-from litestar_llm.engine.types import Delta, GenerationRequest
+from litestar_llm.engine.types import Delta, GenerationRequest, Usage
 from litestar_llm.limits import LEASE_S, KeyLimits
 from litestar_llm.observation import current_observer
 
@@ -24,6 +24,8 @@ class ModelInfo(msgspec.Struct, kw_only=True):
     """The backend kind: mlx, vllm, openai."""
     source: str
     context_length: int | None = None
+    vocab_size: int | None = None
+    """Token ids are in [0, vocab_size): bounds top_k and prompt token ids."""
     family: str | None = None
     parameter_count: int | None = None
     quantization: str | None = None
@@ -38,6 +40,12 @@ class ModelInfo(msgspec.Struct, kw_only=True):
     """The backend can constrain decoding to JSON or a JSON schema."""
     embeddings: bool = False
     """The backend can embed text."""
+    tools: bool = False
+    """The model's template takes tools and the backend parses its calls."""
+    thinking: bool = False
+    """The backend separates the model's thinking from its answer."""
+    max_seed: int = 2**63 - 1
+    """Seeds are in [0, max_seed]."""
 
 
 class Engine(abc.ABC):
@@ -89,9 +97,15 @@ async def _limited_choices(
     engine: Engine, requests: list[GenerationRequest], limits: KeyLimits
 ) -> AsyncIterator[tuple[int, Delta]]:
     """Hold a stream slot (max_concurrent) and reserve prompt + max tokens (tokens_per_minute) before the first
-    token; settle the reservation with the real count however the generation ends."""
+    token; settle the reservation with the real count however the generation ends: the engine's reported usage
+    where a choice finished with one, the tokens sent where it was cut short, and the reservation itself where a
+    finished choice reported no usage (a remote replica that sends none)."""
     stream = await limits.acquire_stream()
-    ticket, prompt_tokens, counted, finished = None, 0, {}, {}
+    ticket, prompt_tokens, reserved = None, 0, 0
+    counted: dict[int, int] = {}
+    usages: dict[int, Usage] = {}
+    ended: set[int] = set()
+    n = requests[0].n if requests else 1
     try:
         if limits.token_limit is not None:
             requests, prompt_tokens, reserved = await _token_budget(engine, requests, limits.token_limit)
@@ -100,14 +114,21 @@ async def _limited_choices(
         async for index, delta in _choices(engine, requests):
             counted[index] = counted.get(index, 0) + len(delta.token_ids)
             if delta.usage is not None:
-                finished[index] = delta.usage.completion_tokens
+                usages[index] = delta.usage
+            if delta.finish_reason is not None:
+                ended.add(index)
             yield index, delta
             if stream is not None and time.monotonic() > refresh_at:  # a long stream keeps its lease alive
                 refresh_at = time.monotonic() + LEASE_S / 3
                 await limits.refresh_stream(stream)
     finally:
-        completion = sum(finished.get(i, n) for i, n in counted.items())
-        await limits.settle(ticket, prompt_tokens + completion)
+        if ended - usages.keys():
+            used = reserved
+        else:
+            reported = sum(u.prompt_tokens for i, u in usages.items() if i % n == 0)
+            completion = sum(usages[i].completion_tokens if i in usages else c for i, c in counted.items())
+            used = max(prompt_tokens, reported) + completion
+        await limits.settle(ticket, used)
         await limits.release_stream(stream)
 
 

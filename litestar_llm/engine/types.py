@@ -10,12 +10,67 @@ from typing import Any, Literal
 
 import msgspec
 
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
+
+
+class TextPart(msgspec.Struct, tag="text", tag_field="type", kw_only=True):
+    text: str
+
+
+ContentPart = TextPart
+"""A part of a message's content; images join this union when vision is served."""
+
+
+class ToolCall(msgspec.Struct, kw_only=True):
+    """A function call the assistant made: `arguments` is the JSON text of the arguments object."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 class ChatMessage(msgspec.Struct, kw_only=True):
     role: str
-    content: str
+    """system, user, assistant or tool."""
+    content: str | list[ContentPart] = ""
+    tool_calls: list[ToolCall] = []
+    """An assistant turn's calls."""
+    tool_call_id: str | None = None
+    """A tool result: the call it answers."""
+    name: str | None = None
+    """A tool result: the function's name."""
+    reasoning: str | None = None
+    """An assistant turn's thinking, sent back by clients that keep it."""
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class Tool(msgspec.Struct, kw_only=True):
+    """A function the model may call."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] = msgspec.field(default_factory=lambda: {"type": "object", "properties": {}})
+    """A JSON schema of type object."""
+    strict: bool = False
+
+
+class NamedToolChoice(msgspec.Struct, kw_only=True):
+    name: str
+
+
+ToolChoice = Literal["auto", "none", "required"] | NamedToolChoice
+
+
+class ReasoningOptions(msgspec.Struct, kw_only=True):
+    enabled: bool | None = None
+    """None: the model's own default (its template decides)."""
+    effort: Literal["minimal", "low", "medium", "high"] | None = None
+    budget_tokens: int | None = None
 
 
 class SamplingParams(msgspec.Struct, kw_only=True):
@@ -51,6 +106,44 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
     n: int = 1
     """Independent choices for this request; backends without native support get n separate requests."""
     add_generation_prompt: bool = True
+    tools: list[Tool] = []
+    tool_choice: ToolChoice = "auto"
+    parallel_tool_calls: bool = True
+    reasoning: ReasoningOptions = msgspec.field(default_factory=ReasoningOptions)
+    chat_template_kwargs: dict[str, Any] = {}
+    """Passed to the chat template as they are (`enable_thinking`, ...)."""
+
+    @property
+    def offered_tools(self) -> list[Tool]:
+        """The tools the template shows the model: none for `tool_choice: "none"`, only the named one when named."""
+        if self.tool_choice == "none":
+            return []
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t for t in self.tools if t.name == self.tool_choice.name]
+        return self.tools
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the chat template: tools, thinking switches, and the client's own."""
+        kwargs: dict[str, Any] = {}
+        if tools := self.offered_tools:
+            kwargs["tools"] = [
+                {
+                    "type": "function",
+                    "function": {"name": t.name, "description": t.description or "", "parameters": t.parameters},
+                }
+                for t in tools
+            ]
+        if self.reasoning.enabled is not None:
+            kwargs["enable_thinking"] = self.reasoning.enabled
+        if self.reasoning.effort is not None:
+            kwargs["reasoning_effort"] = self.reasoning.effort
+        kwargs.update(self.chat_template_kwargs)
+        return kwargs
+
+    @property
+    def thinking(self) -> bool:
+        """False when the client switched thinking off (then nothing is parsed as reasoning)."""
+        return self.reasoning.enabled is not False and self.chat_template_kwargs.get("enable_thinking") is not False
 
 
 class TopLogprob(msgspec.Struct, kw_only=True):
@@ -68,6 +161,10 @@ class TokenLogprob(TopLogprob, kw_only=True):
 class Usage(msgspec.Struct, kw_only=True):
     prompt_tokens: int
     completion_tokens: int
+    reasoning_tokens: int = 0
+    """Of the completion tokens, those spent thinking."""
+    cached_prompt_tokens: int = 0
+    """Of the prompt tokens, those served from a prefix cache."""
     queue_s: float = 0.0
     """From submission until prefill began."""
     prompt_s: float = 0.0
@@ -80,10 +177,24 @@ class Usage(msgspec.Struct, kw_only=True):
         return self.prompt_tokens + self.completion_tokens
 
 
+class ToolCallDelta(msgspec.Struct, kw_only=True):
+    """A fragment of a tool call: the first fragment of call `index` has its id and name, later ones add
+    argument text. Joined, the argument fragments are the call's JSON arguments."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
 class Delta(msgspec.Struct, kw_only=True):
     """What one decode step added to one sequence. The last delta carries `finish_reason` and `usage`."""
 
     text: str = ""
+    """Answer text (never thinking, never tool-call markup)."""
+    reasoning: str = ""
+    """Thinking text."""
+    tool_calls: list[ToolCallDelta] | None = None
     token_ids: list[int] = []
     logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None

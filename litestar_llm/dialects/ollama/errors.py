@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 from typing import TypeVar
 
 import msgspec
 from litestar import Request, Response
-from litestar.exceptions import HTTPException
 
 from litestar_llm.dialects.common import invalid_field
 from litestar_llm.dialects.ollama import wire
 from litestar_llm.errors import InvalidRequestError, LitestarLLMError, ModelNotFoundError
+from litestar_llm.serving import classify
 
-logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -25,7 +23,7 @@ def decode_body(body: bytes, type_: type[T]) -> T:
     except msgspec.ValidationError as exc:
         field, text, missing = invalid_field(exc)
         text = "is required" if missing else text
-        raise InvalidRequestError(f"{field}: {text}" if field else text) from None
+        raise InvalidRequestError(f"{field}: {text}" if field else text, param=field) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequestError(f"invalid JSON: {exc}") from None
 
@@ -33,14 +31,10 @@ def decode_body(body: bytes, type_: type[T]) -> T:
 def error_status(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, ModelNotFoundError):
         return 404, f"model '{exc.model}' not found"
-    if isinstance(exc, LitestarLLMError):
-        return exc.status_code, getattr(exc, "message", str(exc))
-    if isinstance(exc, HTTPException):
-        if exc.status_code == 413:
-            return 413, "request body is larger than this server accepts (server.max_request_bytes)"
-        return exc.status_code, exc.detail
-    logger.error("unhandled error", exc_info=exc)
-    return 500, "internal server error"
+    info = classify(exc)
+    if info.status == 413:
+        return 413, "request body is larger than this server accepts (server.max_request_bytes)"
+    return info.status, info.message
 
 
 def handle(_: Request, exc: Exception) -> Response[bytes]:

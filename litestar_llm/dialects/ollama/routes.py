@@ -10,10 +10,9 @@ from pathlib import Path
 
 import msgspec
 from litestar import Request, Response, Router, delete, get, head, post
-from litestar.di import NamedDependency
+from litestar.di import NamedDependency, Provide
 
 from litestar_llm import __version__
-from litestar_llm.dialects.common import guarded_stream, unless_disconnected
 from litestar_llm.dialects.ollama import wire
 from litestar_llm.dialects.ollama.errors import decode_body, exception_handlers, ndjson_error
 from litestar_llm.dialects.ollama.translate import (
@@ -23,16 +22,19 @@ from litestar_llm.dialects.ollama.translate import (
     generate_request,
     logprobs,
     now,
+    param_name,
     parameters_text,
     resolve,
     rfc3339,
     tagged,
+    tool_calls,
 )
-from litestar_llm.engine.base import Engine, generate_choices
+from litestar_llm.engine.base import Engine
 from litestar_llm.engine.files import weights_digest
 from litestar_llm.engine.registry import EngineRegistry
-from litestar_llm.engine.types import Delta
+from litestar_llm.engine.types import Delta, Usage
 from litestar_llm.errors import InvalidRequestError
+from litestar_llm.serving import Choice, Generation, Serving, provide_serving
 
 NDJSON = "application/x-ndjson"
 encode = wire.encoder.encode
@@ -70,14 +72,14 @@ async def version_head() -> Response[None]:
 # -- generation ---------------------------------------------------------------------------------------------
 
 
-def _final(cls: type, model: str, started: float, delta: Delta, **fields: object) -> msgspec.Struct:
-    usage = delta.usage
+def _final(cls: type, model: str, started: float, usage: Usage | None, finish: str | None, **fields: object):
     return cls(
         model=model,
         created_at=now(),
         done=True,
-        done_reason=delta.finish_reason,
+        done_reason="stop" if finish == "tool_calls" else finish,
         total_duration=int((time.perf_counter() - started) * NS),
+        load_duration=0,
         prompt_eval_count=usage.prompt_tokens if usage else 0,
         prompt_eval_duration=int(usage.prompt_s * NS) if usage else 0,
         eval_count=usage.completion_tokens if usage else 0,
@@ -89,96 +91,121 @@ def _final(cls: type, model: str, started: float, delta: Delta, **fields: object
 def _load_answer(cls: type, model: str, keep_alive: object, **fields: object) -> Response[bytes]:
     """An empty prompt is Ollama's load check (keep_alive 0: unload); models here are always loaded."""
     reason = "unload" if keep_alive in (0, "0", "0s", "0m") else "load"
-    return _json(cls(model=model, created_at=now(), done=True, done_reason=reason, **fields))
+    return _json(cls(model=model, created_at=now(), done=True, done_reason=reason, load_duration=0, **fields))
 
 
 @post("/api/generate", status_code=200)
-async def generate(request: Request, registry: NamedDependency[EngineRegistry]) -> Response:
+async def generate(request: Request, serving: NamedDependency[Serving]) -> Response:
     started = time.perf_counter()
     body = decode_body(await request.body(), wire.GenerateRequest)
-    engine, model = resolve(registry, body.model)
     if not body.prompt:
+        serving.resolve(body.model, resolve)
         return _load_answer(wire.GenerateChunk, body.model, body.keep_alive, response="")
-    stream = generate_choices(engine, [generate_request(body, model, engine.info)])
-    _, first = await anext(stream)
+    generation = await serving.generate(request, body.model, generate_request(body), names=param_name, resolver=resolve)
     if body.stream:
 
         def piece(delta: Delta) -> wire.GenerateChunk:
-            lps = logprobs(delta.logprobs)
-            return wire.GenerateChunk(model=body.model, created_at=now(), done=False, response=delta.text, logprobs=lps)
+            return wire.GenerateChunk(
+                model=body.model,
+                created_at=now(),
+                done=False,
+                response=delta.text,
+                thinking=delta.reasoning or None,
+                logprobs=logprobs(delta.logprobs),
+            )
 
-        def final(delta: Delta) -> msgspec.Struct:
-            return _final(wire.GenerateChunk, body.model, started, delta, response="")
+        def final(delta: Delta, _calls: list) -> msgspec.Struct:
+            return _final(wire.GenerateChunk, body.model, started, delta.usage, delta.finish_reason, response="")
 
-        return guarded_stream(_lines(stream, first, piece, final), stream, ndjson_error, NDJSON)
-    texts, values, last = await unless_disconnected(request, _collect(stream, first))
-    answer = _final(wire.GenerateChunk, body.model, started, last, response="".join(texts), logprobs=logprobs(values))
+        return generation.respond(_lines(generation, piece, final), ndjson_error, NDJSON)
+    [choice] = (await generation.collect()).values()
+    answer = _final(
+        wire.GenerateChunk,
+        body.model,
+        started,
+        choice.usage,
+        choice.finish_reason,
+        response=choice.text,
+        thinking=choice.reasoning or None,
+        logprobs=logprobs(choice.logprobs),
+    )
     return _json(answer)
 
 
 @post("/api/chat", status_code=200)
-async def chat(request: Request, registry: NamedDependency[EngineRegistry]) -> Response:
+async def chat(request: Request, serving: NamedDependency[Serving]) -> Response:
     started = time.perf_counter()
     body = decode_body(await request.body(), wire.ChatRequest)
-    engine, model = resolve(registry, body.model)
     if not body.messages:
-        return _load_answer(wire.ChatChunk, body.model, body.keep_alive, message=wire.Reply(content=""))
-    stream = generate_choices(engine, [chat_request(body, model, engine.info)])
-    _, first = await anext(stream)
+        serving.resolve(body.model, resolve)
+        return _load_answer(
+            wire.ChatChunk, body.model, body.keep_alive, message=wire.Reply(role="assistant", content="")
+        )
+    generation = await serving.generate(request, body.model, chat_request(body), names=param_name, resolver=resolve)
     if body.stream:
 
         def piece(delta: Delta) -> wire.ChatChunk:
-            message, lps = wire.Reply(content=delta.text), logprobs(delta.logprobs)
+            message = wire.Reply(role="assistant", content=delta.text, thinking=delta.reasoning or None)
+            lps = logprobs(delta.logprobs)
             return wire.ChatChunk(model=body.model, created_at=now(), done=False, message=message, logprobs=lps)
 
-        def final(delta: Delta) -> msgspec.Struct:
-            return _final(wire.ChatChunk, body.model, started, delta, message=wire.Reply(content=""))
+        def final(delta: Delta, calls: list) -> msgspec.Struct:
+            message = wire.Reply(role="assistant", content="", tool_calls=tool_calls(calls))
+            return _final(wire.ChatChunk, body.model, started, delta.usage, delta.finish_reason, message=message)
 
-        return guarded_stream(_lines(stream, first, piece, final), stream, ndjson_error, NDJSON)
-    texts, values, last = await unless_disconnected(request, _collect(stream, first))
-    message = wire.Reply(content="".join(texts))
-    return _json(_final(wire.ChatChunk, body.model, started, last, message=message, logprobs=logprobs(values)))
+        return generation.respond(_lines(generation, piece, final), ndjson_error, NDJSON)
+    [choice] = (await generation.collect()).values()
+    message = wire.Reply(
+        role="assistant",
+        content=choice.text,
+        thinking=choice.reasoning or None,
+        tool_calls=tool_calls(choice.tool_calls),
+    )
+    return _json(
+        _final(
+            wire.ChatChunk,
+            body.model,
+            started,
+            choice.usage,
+            choice.finish_reason,
+            message=message,
+            logprobs=logprobs(choice.logprobs),
+        )
+    )
 
 
 async def _lines(
-    stream: AsyncIterator[tuple[int, Delta]],
-    first: Delta,
+    generation: Generation,
     piece: Callable[[Delta], msgspec.Struct],
-    final: Callable[[Delta], msgspec.Struct],
+    final: Callable[[Delta, list], msgspec.Struct],
 ) -> AsyncIterator[bytes]:
-    """NDJSON: one object per delta that carries text, then the final object with the stats."""
-    delta = first
-    while True:
-        if delta.text or delta.logprobs:
+    """NDJSON: one object per delta that carries text or thinking, then the final object with the stats (and the
+    tool calls, whole: Ollama sends a call once its arguments are complete)."""
+    calls = Choice()
+    async for _, delta in generation:
+        if delta.text or delta.reasoning or delta.logprobs:
             yield _line(piece(delta))
+        if delta.tool_calls:
+            calls.add(delta)
         if delta.finish_reason is not None:
-            yield _line(final(delta))
+            yield _line(final(delta, calls.tool_calls))
             return
-        _, delta = await anext(stream)
-
-
-async def _collect(stream: AsyncIterator[tuple[int, Delta]], first: Delta) -> tuple[list[str], list, Delta]:
-    texts, values, delta = [first.text], list(first.logprobs or []), first
-    async for _, delta in stream:
-        texts.append(delta.text)
-        values.extend(delta.logprobs or [])
-    return texts, values, delta
 
 
 # -- embeddings ---------------------------------------------------------------------------------------------
 
 
 @post("/api/embed", status_code=200)
-async def embed(request: Request, registry: NamedDependency[EngineRegistry]) -> Response:
+async def embed(request: Request, serving: NamedDependency[Serving]) -> Response:
     body = decode_body(await request.body(), wire.EmbedRequest)
-    engine, _ = resolve(registry, body.model)
+    engine, _ = serving.resolve(body.model, resolve)
     raise _cannot_embed(engine)
 
 
 @post("/api/embeddings", status_code=200)
-async def embeddings(request: Request, registry: NamedDependency[EngineRegistry]) -> Response:
+async def embeddings(request: Request, serving: NamedDependency[Serving]) -> Response:
     body = decode_body(await request.body(), wire.EmbeddingsRequest)
-    engine, _ = resolve(registry, body.model)
+    engine, _ = serving.resolve(body.model, resolve)
     raise _cannot_embed(engine)
 
 
@@ -254,7 +281,11 @@ async def show(request: Request, registry: NamedDependency[EngineRegistry]) -> R
     model_info = {"general.architecture": family, "general.parameter_count": info.parameter_count or 0}
     if info.context_length:
         model_info[f"{family}.context_length"] = info.context_length
-    capabilities = ["completion"] + (["embedding"] if info.embeddings else [])
+    capabilities = ["completion"] + [
+        name
+        for name, able in (("tools", info.tools), ("thinking", info.thinking), ("embedding", info.embeddings))
+        if able
+    ]
     return _json(
         wire.ShowResponse(
             modified_at=rfc3339(info.modified_at),
@@ -316,6 +347,7 @@ def ollama_router() -> Router:
             delete_model,
             blobs,
         ],
+        dependencies={"serving": Provide(provide_serving, use_cache=True, sync_to_thread=False)},
         exception_handlers=exception_handlers(),
         tags=["Ollama"],
     )

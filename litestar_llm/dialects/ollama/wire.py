@@ -5,10 +5,10 @@ Responses use `omit_defaults`: like Ollama, stats that are zero (and fields that
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
-from msgspec import Struct
+from msgspec import Meta, Struct
 
 
 class Options(Struct, kw_only=True):
@@ -27,11 +27,35 @@ class Options(Struct, kw_only=True):
     frequency_penalty: float | None = None
 
 
+class Function(Struct, kw_only=True):
+    name: str
+    arguments: dict[str, Any] | str = {}
+    """An object (Ollama's way); JSON text is accepted too."""
+
+
+class ToolCall(Struct, kw_only=True, omit_defaults=True):
+    function: Function
+    id: str | None = None
+
+
+class FunctionSpec(Struct, kw_only=True):
+    name: Annotated[str, Meta(min_length=1)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolSpec(Struct, kw_only=True):
+    function: FunctionSpec
+    type: Literal["function"] = "function"
+
+
 class Message(Struct, kw_only=True, omit_defaults=True):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_name: str | None = None
+    thinking: str | None = None
 
 
 class GenerateRequest(Struct, kw_only=True):
@@ -45,7 +69,7 @@ class GenerateRequest(Struct, kw_only=True):
     format: str | dict[str, Any] | None = None
     raw: bool = False
     stream: bool = True
-    think: bool | str | None = None
+    think: bool | Literal["low", "medium", "high"] | None = None
     keep_alive: str | float | None = None
     options: Options | None = None
     logprobs: bool = False
@@ -55,10 +79,10 @@ class GenerateRequest(Struct, kw_only=True):
 class ChatRequest(Struct, kw_only=True):
     model: str
     messages: list[Message] = []
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolSpec] | None = None
     format: str | dict[str, Any] | None = None
     stream: bool = True
-    think: bool | str | None = None
+    think: bool | Literal["low", "medium", "high"] | None = None
     keep_alive: str | float | None = None
     options: Options | None = None
     logprobs: bool = False
@@ -116,7 +140,8 @@ class Final(Struct, kw_only=True, omit_defaults=True):
     done: bool  # always sent, false included
     done_reason: str | None = None
     total_duration: int = 0
-    load_duration: int = 0
+    load_duration: int | None = None
+    """Always sent in a final object, as Ollama does (0 here: models are loaded before their requests)."""
     prompt_eval_count: int = 0
     prompt_eval_duration: int = 0
     eval_count: int = 0
@@ -125,15 +150,18 @@ class Final(Struct, kw_only=True, omit_defaults=True):
 
 class GenerateChunk(Final, kw_only=True, omit_defaults=True):
     response: str  # always sent, "" included, as Ollama does
+    thinking: str | None = None
     context: list[int] | None = None
     logprobs: list[Logprob] | None = None
 
 
-class Reply(Struct):
-    """The assistant message in a chat answer: role and content always sent."""
+class Reply(Struct, kw_only=True, omit_defaults=True):
+    """The assistant message in a chat answer: role and content always sent (no defaults, so never omitted)."""
 
+    role: str
     content: str
-    role: str = "assistant"
+    thinking: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChunk(Final, kw_only=True, omit_defaults=True):

@@ -2,30 +2,36 @@
 
 from __future__ import annotations
 
-import logging
 from typing import TypeVar
 
 import msgspec
 from litestar import Request, Response
-from litestar.exceptions import HTTPException
 
 from litestar_llm.dialects.common import invalid_field
 from litestar_llm.dialects.openai import wire
-from litestar_llm.errors import InvalidRequestError, LitestarLLMError, ModelNotFoundError
+from litestar_llm.errors import InvalidRequestError, LitestarLLMError
+from litestar_llm.serving import ErrorInfo, classify
 
-logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "server_error",
+    "invalid_request": "invalid_request_error",
+    "authentication": "authentication_error",
+    "permission": "permission_error",
+    "not_found": "invalid_request_error",
+    "too_large": "invalid_request_error",
+    "rate_limit": "rate_limit_error",
+    "overloaded": "server_error",
+    "unavailable": "server_error",
+    "client_closed": "invalid_request_error",
+    "server": "server_error",
 }
-_CODES = {401: "invalid_api_key", 404: "model_not_found", 413: "request_too_large", 429: "rate_limit_exceeded"}
+_CODES = {
+    "authentication": "invalid_api_key",
+    "too_large": "request_too_large",
+    "rate_limit": "rate_limit_exceeded",
+    "overloaded": "server_overloaded",
+}
 
 
 def decode_body(body: bytes, type_: type[T]) -> T:
@@ -42,32 +48,24 @@ def decode_body(body: bytes, type_: type[T]) -> T:
         raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
 
 
+def encode_error(info: ErrorInfo) -> wire.ErrorResponse:
+    code = "model_not_found" if info.model_not_found else _CODES.get(info.kind)
+    return wire.ErrorResponse(wire.Error(message=info.message, type=_TYPES[info.kind], param=info.param, code=code))
+
+
 def error_body(exc: BaseException) -> tuple[int, wire.ErrorResponse]:
-    if isinstance(exc, LitestarLLMError):
-        status = exc.status_code
-        message = getattr(exc, "message", str(exc))
-        param = (
-            exc.param
-            if isinstance(exc, InvalidRequestError)
-            else ("model" if isinstance(exc, ModelNotFoundError) else None)
-        )
-    elif isinstance(exc, HTTPException):
-        status, message, param = exc.status_code, exc.detail, None
-        if status == 413:
-            message = "the request body is larger than this server accepts (server.max_request_bytes)"
-    else:
-        logger.error("unhandled error", exc_info=exc)
-        status, message, param = 500, "internal server error", None
-    error_type = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return status, wire.ErrorResponse(
-        wire.Error(message=message, type=error_type, param=param, code=_CODES.get(status))
-    )
+    info = classify(exc)
+    return info.status, encode_error(info)
 
 
 def handle(_: Request, exc: Exception) -> Response[bytes]:
-    status, body = error_body(exc)
-    headers = getattr(exc, "headers", None) or None
-    return Response(wire.encoder.encode(body), status_code=status, media_type="application/json", headers=headers)
+    info = classify(exc)
+    return Response(
+        wire.encoder.encode(encode_error(info)),
+        status_code=info.status,
+        media_type="application/json",
+        headers=info.headers or None,
+    )
 
 
 def sse_error(exc: BaseException) -> bytes:

@@ -1,5 +1,5 @@
 """The OpenAI route set: /v1/models, /v1/chat/completions, /v1/completions. HTTP only; the mapping lives in
-`translate.py`, the errors in `errors.py`."""
+`translate.py`, the errors in `errors.py`, and everything between decoding and encoding in the serving layer."""
 
 from __future__ import annotations
 
@@ -9,29 +9,31 @@ from collections.abc import AsyncIterator
 
 import msgspec
 from litestar import Request, Response, Router, get, post
-from litestar.di import NamedDependency
+from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath
-from litestar.response import Stream
 
-from litestar_llm.dialects.common import guarded_stream, unless_disconnected
 from litestar_llm.dialects.openai import wire
 from litestar_llm.dialects.openai.errors import decode_body, exception_handlers, sse_error
 from litestar_llm.dialects.openai.translate import (
-    accumulate,
     chat_request,
     completion_logprobs,
     completion_requests,
+    param_name,
     token_logprob,
-    usage_of,
+    tool_call_fragments,
+    tool_calls,
+    usage,
 )
-from litestar_llm.engine.base import generate_choices
 from litestar_llm.engine.registry import EngineRegistry
-from litestar_llm.engine.types import Delta
+from litestar_llm.engine.types import Usage
+from litestar_llm.serving import Choice, Generation, Serving, provide_serving, total_usage
 
 JSON = "application/json"
+SSE = "text/event-stream"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
 encode = wire.encoder.encode
+_COMPLETION_NAMES = {"logprobs": "logprobs", "messages": "prompt"}
 
 
 def _json(obj: msgspec.Struct, status_code: int = 200) -> Response[bytes]:
@@ -40,10 +42,6 @@ def _json(obj: msgspec.Struct, status_code: int = 200) -> Response[bytes]:
 
 def _sse(obj: msgspec.Struct) -> bytes:
     return b"data: " + encode(obj) + b"\n\n"
-
-
-def _event_stream(chunks: AsyncIterator[bytes], deltas: AsyncIterator) -> Stream:
-    return guarded_stream(chunks, deltas, sse_error, "text/event-stream", SSE_HEADERS)
 
 
 @get("/v1/models")
@@ -59,19 +57,26 @@ async def get_model(model_id: FromPath[str], registry: NamedDependency[EngineReg
     return _json(wire.Model(id=model_id, created=engine.info.created, owned_by="litestar-llm"))
 
 
+def _message(choice: Choice, reasoning: bool) -> wire.AssistantMessage:
+    calls = choice.tool_calls
+    message = wire.AssistantMessage(content=choice.text if choice.text or not calls else None)
+    if calls:
+        message.tool_calls = tool_calls(calls)
+    if reasoning and choice.reasoning:
+        message.reasoning = message.reasoning_content = choice.reasoning
+    return message
+
+
 @post("/v1/chat/completions", status_code=200)
-async def chat_completions(request: Request, registry: NamedDependency[EngineRegistry]) -> Response:
+async def chat_completions(request: Request, serving: NamedDependency[Serving]) -> Response:
     body = decode_body(await request.body(), wire.ChatCompletionRequest)
-    engine, model = registry.resolve(body.model)
-    generation = chat_request(body, model.defaults, engine.info)
-    stream = generate_choices(engine, [generation])
-    first = await anext(stream)  # errors before the first token still get a proper status code
+    generation = await serving.generate(request, body.model, chat_request(body), names=param_name)
     response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _chat_chunks(stream, first, response_id, created, body.model, body.n, include_usage)
-        return _event_stream(chunks, stream)
-    choices = await unless_disconnected(request, accumulate(stream, first))
+        chunks = _chat_chunks(generation, response_id, created, body.model, include_usage)
+        return generation.respond(chunks, sse_error, SSE, SSE_HEADERS)
+    choices = await generation.collect()
     return _json(
         wire.ChatCompletion(
             id=response_id,
@@ -80,7 +85,7 @@ async def chat_completions(request: Request, registry: NamedDependency[EngineReg
             choices=[
                 wire.ChatChoice(
                     index=i,
-                    message=wire.AssistantMessage(content=c.text),
+                    message=_message(c, reasoning=True),
                     finish_reason=c.finish_reason,
                     logprobs=wire.ChoiceLogprobs(content=[token_logprob(lp) for lp in c.logprobs])
                     if body.logprobs
@@ -88,80 +93,63 @@ async def chat_completions(request: Request, registry: NamedDependency[EngineReg
                 )
                 for i, c in choices.items()
             ],
-            usage=usage_of(choices, body.n),
+            usage=usage(total_usage({i: c.usage for i, c in choices.items()}, body.n)),
         )
     )
 
 
 async def _chat_chunks(
-    stream: AsyncIterator[tuple[int, Delta]],
-    first: tuple[int, Delta],
-    response_id: str,
-    created: int,
-    model: str,
-    n: int,
-    include_usage: bool,
+    generation: Generation, response_id: str, created: int, model: str, include_usage: bool
 ) -> AsyncIterator[bytes]:
     def chunk(choices: list[wire.ChunkChoice]) -> bytes:
         return _sse(wire.ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices))
 
-    for index in range(n):  # OpenAI opens every choice with its role
+    for index in range(generation.n * len(generation.requests)):  # OpenAI opens every choice with its role
         yield chunk([wire.ChunkChoice(index=index, delta=wire.ChunkDelta(role="assistant", content=""))])
-    prompt_tokens: dict[int, int] = {}
-    completion_tokens = 0
-    index, delta = first
-    while True:
+    usages: dict[int, Usage] = {}
+    async for index, delta in generation:
         logprobs = None
         if delta.logprobs is not None:
             logprobs = wire.ChoiceLogprobs(content=[token_logprob(lp) for lp in delta.logprobs])
-        if delta.text or delta.finish_reason or logprobs:
-            content = wire.ChunkDelta(content=delta.text) if delta.text else wire.ChunkDelta()
+        if delta.text or delta.reasoning or delta.tool_calls or delta.finish_reason or logprobs:
+            content = wire.ChunkDelta(content=delta.text or None)
+            if delta.reasoning:
+                content.reasoning = content.reasoning_content = delta.reasoning
+            if delta.tool_calls:
+                content.tool_calls = tool_call_fragments(delta.tool_calls)
             yield chunk(
                 [wire.ChunkChoice(index=index, delta=content, finish_reason=delta.finish_reason, logprobs=logprobs)]
             )
         if delta.usage is not None:
-            prompt_tokens[index // n] = delta.usage.prompt_tokens
-            completion_tokens += delta.usage.completion_tokens
-        try:
-            index, delta = await anext(stream)
-        except StopAsyncIteration:
-            break
+            usages[index] = delta.usage
     if include_usage:
-        prompt = sum(prompt_tokens.values())
-        usage = wire.Usage(
-            prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens
-        )
-        yield _sse(wire.ChatCompletionChunk(id=response_id, created=created, model=model, choices=[], usage=usage))
+        used = usage(total_usage(usages, generation.n))
+        yield _sse(wire.ChatCompletionChunk(id=response_id, created=created, model=model, choices=[], usage=used))
     yield DONE
 
 
 @post("/v1/completions", status_code=200)
-async def completions(request: Request, registry: NamedDependency[EngineRegistry]) -> Response:
+async def completions(request: Request, serving: NamedDependency[Serving]) -> Response:
     body = decode_body(await request.body(), wire.CompletionRequest)
-    engine, model = registry.resolve(body.model)
-    generations = completion_requests(body, model.defaults)
-    stream = generate_choices(engine, generations)
-    first = await anext(stream)
+    generation = await serving.generate(request, body.model, completion_requests(body), names=_COMPLETION_NAMES)
     response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    echoes = [g.prompt if body.echo and isinstance(g.prompt, str) else "" for g in generations]
+    echoes = [g.prompt if body.echo and isinstance(g.prompt, str) else "" for g in generation.requests]
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _completion_chunks(stream, first, response_id, created, body, echoes, include_usage)
-        return _event_stream(chunks, stream)
-    choices = await unless_disconnected(request, accumulate(stream, first))
+        chunks = _completion_chunks(generation, response_id, created, body, echoes, include_usage)
+        return generation.respond(chunks, sse_error, SSE, SSE_HEADERS)
+    choices = await generation.collect()
     out = []
     for i, c in choices.items():
         echo = echoes[i // body.n]
         logprobs = completion_logprobs(c.logprobs, len(echo)) if body.logprobs is not None else None
         out.append(wire.CompletionChoice(index=i, text=echo + c.text, finish_reason=c.finish_reason, logprobs=logprobs))
-    return _json(
-        wire.Completion(id=response_id, created=created, model=body.model, choices=out, usage=usage_of(choices, body.n))
-    )
+    used = usage(total_usage({i: c.usage for i, c in choices.items()}, body.n))
+    return _json(wire.Completion(id=response_id, created=created, model=body.model, choices=out, usage=used))
 
 
 async def _completion_chunks(
-    stream: AsyncIterator[tuple[int, Delta]],
-    first: tuple[int, Delta],
+    generation: Generation,
     response_id: str,
     created: int,
     body: wire.CompletionRequest,
@@ -175,10 +163,8 @@ async def _completion_chunks(
     for i, echo in offsets.items():
         if echo:
             yield chunk(wire.CompletionChoice(index=i, text=echoes[i // body.n], finish_reason=None))
-    prompt_tokens: dict[int, int] = {}
-    completion_tokens = 0
-    index, delta = first
-    while True:
+    usages: dict[int, Usage] = {}
+    async for index, delta in generation:
         logprobs = None
         if body.logprobs is not None and delta.logprobs:
             logprobs = completion_logprobs(delta.logprobs, offsets[index])
@@ -190,18 +176,10 @@ async def _completion_chunks(
                 )
             )
         if delta.usage is not None:
-            prompt_tokens[index // body.n] = delta.usage.prompt_tokens
-            completion_tokens += delta.usage.completion_tokens
-        try:
-            index, delta = await anext(stream)
-        except StopAsyncIteration:
-            break
+            usages[index] = delta.usage
     if include_usage:
-        prompt = sum(prompt_tokens.values())
-        usage = wire.Usage(
-            prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens
-        )
-        yield _sse(wire.Completion(id=response_id, created=created, model=body.model, choices=[], usage=usage))
+        used = usage(total_usage(usages, body.n))
+        yield _sse(wire.Completion(id=response_id, created=created, model=body.model, choices=[], usage=used))
     yield DONE
 
 
@@ -209,6 +187,7 @@ def openai_router() -> Router:
     return Router(
         path="/",
         route_handlers=[list_models, get_model, chat_completions, completions],
+        dependencies={"serving": Provide(provide_serving, use_cache=True, sync_to_thread=False)},
         exception_handlers=exception_handlers(),
         tags=["OpenAI"],
     )

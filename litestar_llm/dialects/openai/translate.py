@@ -2,47 +2,48 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import re
+from collections.abc import Callable
 
-import msgspec
 from msgspec import UNSET
 
-from litestar_llm.config import SamplingDefaults
+from litestar_llm.config import ModelConfig
+from litestar_llm.dialects.common import arguments_text
 from litestar_llm.dialects.openai import wire
 from litestar_llm.engine.base import ModelInfo
-from litestar_llm.engine.types import ChatMessage, Delta, GenerationRequest, SamplingParams, TokenLogprob
+from litestar_llm.engine.types import (
+    ChatMessage,
+    GenerationRequest,
+    NamedToolChoice,
+    ReasoningOptions,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+    Usage,
+)
 from litestar_llm.errors import InvalidRequestError
-
-# Engine defaults when neither the request nor [models.defaults] says: OpenAI's documented defaults.
-_DEFAULT_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+from litestar_llm.serving import sampling
 
 
-def sampling_params(
-    body: wire.Request, defaults: SamplingDefaults, *, max_tokens: int | object | None, logprobs: int | None
-) -> SamplingParams:
-    """The request's values, else the model's defaults, else OpenAI's."""
-
-    def pick(name: str, sent: object) -> object:
-        if sent is not UNSET and sent is not None:
-            return sent
-        configured = getattr(defaults, name)
-        return configured if configured is not None else _DEFAULT_SAMPLING.get(name)
-
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or defaults.stop or [])
-    top_k = pick("top_k", body.top_k)
-    return SamplingParams(
-        temperature=pick("temperature", body.temperature),
-        top_p=pick("top_p", body.top_p),
-        top_k=max(top_k, 0),  # vLLM's -1 means "all", as 0 does here
-        min_p=pick("min_p", body.min_p),
-        repetition_penalty=pick("repetition_penalty", body.repetition_penalty),
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        seed=pick("seed", body.seed),
-        max_tokens=pick("max_tokens", max_tokens),
-        stop=stop,
-        logprobs=logprobs,
-    )
+def sent_sampling(body: wire.Request, *, max_tokens: object, logprobs: int | None) -> dict[str, object]:
+    """The sampling values the client sent, under the engine's names (None or UNSET: not sent)."""
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    sent = {
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "min_p": body.min_p,
+        "repetition_penalty": body.repetition_penalty,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "seed": body.seed,
+        "max_tokens": max_tokens,
+        "stop": stop,
+        "logprobs": logprobs,
+    }
+    return {k: v for k, v in sent.items() if v is not UNSET and v is not None}
 
 
 def _message_text(message: wire.ChatMessage, index: int) -> str:
@@ -59,27 +60,86 @@ def _message_text(message: wire.ChatMessage, index: int) -> str:
     return "".join(texts)
 
 
-def chat_request(body: wire.ChatCompletionRequest, defaults: SamplingDefaults, info: ModelInfo) -> GenerationRequest:
-    if body.response_format is not None and body.response_format.type != "text" and not info.structured_output:
-        raise InvalidRequestError(
-            f"response_format '{body.response_format.type}' needs constrained decoding, which the {info.backend} "
-            f"backend serving '{info.name}' does not support",
-            param="response_format",
+def _message(message: wire.ChatMessage, index: int) -> ChatMessage:
+    calls = [
+        ToolCall(
+            id=call.id,
+            name=call.function.name,
+            arguments=arguments_text(call.function.arguments, f"messages[{index}].tool_calls[{j}].function.arguments"),
         )
-    if body.tools:
-        raise InvalidRequestError("tools are not supported by this server", param="tools")
+        for j, call in enumerate(message.tool_calls or ())
+    ]
+    if message.role == "tool" and not message.tool_call_id:
+        raise InvalidRequestError(
+            f"messages[{index}].tool_call_id: required for a tool message", param=f"messages[{index}].tool_call_id"
+        )
+    return ChatMessage(
+        role="system" if message.role == "developer" else message.role,
+        content=_message_text(message, index),
+        tool_calls=calls,
+        tool_call_id=message.tool_call_id,
+        name=message.name,
+        reasoning=message.reasoning or message.reasoning_content,
+    )
+
+
+def tools_of(specs: list[wire.ToolSpec] | None) -> list[Tool]:
+    return [
+        Tool(
+            name=t.function.name,
+            description=t.function.description,
+            parameters=t.function.parameters if t.function.parameters is not None else {"type": "object"},
+            strict=bool(t.function.strict),
+        )
+        for t in specs or ()
+    ]
+
+
+def tool_choice_of(choice: str | wire.NamedToolChoice | None) -> ToolChoice:
+    if choice is None:
+        return "auto"
+    if isinstance(choice, wire.NamedToolChoice):
+        return NamedToolChoice(name=choice.function.name)
+    return choice
+
+
+def param_name(field: str) -> str:
+    """The engine's field names as the chat completions API spells them."""
+    field = _TOOLS_FIELD.sub(r"tools[\1].function.\2", field)
+    return {"logprobs": "top_logprobs", "tool_name": "name"}.get(field, field).replace(".tool_name", ".name")
+
+
+_TOOLS_FIELD = re.compile(r"^tools\[(\d+)\]\.(name|parameters)$")
+
+
+def chat_request(body: wire.ChatCompletionRequest) -> Callable[[ModelConfig, ModelInfo], GenerationRequest]:
     if body.top_logprobs and not body.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
-    messages = [
-        ChatMessage(role="system" if m.role == "developer" else m.role, content=_message_text(m, i))
-        for i, m in enumerate(body.messages)
-    ]
+    messages = [_message(m, i) for i, m in enumerate(body.messages)]
+    tools = tools_of(body.tools)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not UNSET else body.max_tokens
-    logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    sampling = sampling_params(body, defaults, max_tokens=max_tokens, logprobs=logprobs)
+    sent = sent_sampling(body, max_tokens=max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
     if body.response_format is not None and body.response_format.type != "text":
-        sampling = msgspec.structs.replace(sampling, **_constraint(body.response_format))
-    return GenerationRequest(model=body.model, messages=messages, sampling=sampling, n=body.n)
+        sent.update(_constraint(body.response_format))
+    kwargs = body.chat_template_kwargs or {}
+    thinking = kwargs.get("enable_thinking")
+
+    def build(model: ModelConfig, _info: ModelInfo) -> GenerationRequest:
+        return GenerationRequest(
+            model=body.model,
+            messages=messages,
+            sampling=sampling(sent, model.defaults),
+            n=body.n,
+            tools=tools,
+            tool_choice=tool_choice_of(body.tool_choice),
+            parallel_tool_calls=body.parallel_tool_calls,
+            reasoning=ReasoningOptions(
+                enabled=thinking if isinstance(thinking, bool) else None, effort=body.reasoning_effort
+            ),
+            chat_template_kwargs=kwargs,
+        )
+
+    return build
 
 
 def _constraint(response_format: wire.ResponseFormat) -> dict:
@@ -94,20 +154,24 @@ def _constraint(response_format: wire.ResponseFormat) -> dict:
     return {"json_schema": schema}
 
 
-def completion_requests(body: wire.CompletionRequest, defaults: SamplingDefaults) -> list[GenerationRequest]:
+def completion_requests(body: wire.CompletionRequest) -> Callable[[ModelConfig, ModelInfo], list[GenerationRequest]]:
     """One generation request per prompt: choice k of prompt i has index i * n + k, as OpenAI numbers them."""
     if body.suffix:
         raise InvalidRequestError("suffix (fill-in-the-middle) is not supported by this server", param="suffix")
     if body.echo and body.logprobs is not None:
         raise InvalidRequestError("echo with logprobs is not supported by this server", param="echo")
     prompts = _prompts(body.prompt)
-    # OpenAI's default for /v1/completions is 16 tokens; a model default, if declared, wins over it.
-    max_tokens = body.max_tokens if body.max_tokens is not UNSET else (defaults.max_tokens or 16)
-    sampling = sampling_params(body, defaults, max_tokens=max_tokens, logprobs=body.logprobs)
-    return [
-        GenerationRequest(model=body.model, prompt=p, sampling=sampling, n=body.n, add_generation_prompt=False)
-        for p in prompts
-    ]
+    sent = sent_sampling(body, max_tokens=body.max_tokens, logprobs=body.logprobs)
+
+    def build(model: ModelConfig, _info: ModelInfo) -> list[GenerationRequest]:
+        # OpenAI's default for /v1/completions is 16 tokens; a model default, if declared, wins over it.
+        params = sampling(sent, model.defaults, {"max_tokens": 16})
+        return [
+            GenerationRequest(model=body.model, prompt=p, sampling=params, n=body.n, add_generation_prompt=False)
+            for p in prompts
+        ]
+
+    return build
 
 
 def _prompts(prompt: str | list) -> list[str | list[int]]:
@@ -134,49 +198,32 @@ def token_logprob(lp: TokenLogprob) -> wire.TokenLogprob:
     )
 
 
-class ChoiceAccumulator:
-    """Collects a choice's deltas for a non-streamed answer."""
-
-    __slots__ = ("completion_tokens", "finish_reason", "logprobs", "prompt_tokens", "texts")
-
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-        self.finish_reason: str | None = None
-        self.logprobs: list[TokenLogprob] = []
-        self.completion_tokens = 0
-        self.prompt_tokens = 0
-
-    def add(self, delta: Delta) -> None:
-        self.texts.append(delta.text)
-        if delta.logprobs:
-            self.logprobs.extend(delta.logprobs)
-        if delta.finish_reason is not None:
-            self.finish_reason = delta.finish_reason
-        if delta.usage is not None:
-            self.completion_tokens = delta.usage.completion_tokens
-            self.prompt_tokens = delta.usage.prompt_tokens
-
-    @property
-    def text(self) -> str:
-        return "".join(self.texts)
+def usage(total: Usage) -> wire.Usage:
+    return wire.Usage(
+        prompt_tokens=total.prompt_tokens,
+        completion_tokens=total.completion_tokens,
+        total_tokens=total.total_tokens,
+        prompt_tokens_details=wire.PromptTokensDetails(cached_tokens=total.cached_prompt_tokens),
+        completion_tokens_details=wire.CompletionTokensDetails(reasoning_tokens=total.reasoning_tokens),
+    )
 
 
-async def accumulate(
-    stream: AsyncIterator[tuple[int, Delta]], first: tuple[int, Delta]
-) -> dict[int, ChoiceAccumulator]:
-    choices: dict[int, ChoiceAccumulator] = {}
-    index, delta = first
-    choices.setdefault(index, ChoiceAccumulator()).add(delta)
-    async for index, delta in stream:
-        choices.setdefault(index, ChoiceAccumulator()).add(delta)
-    return dict(sorted(choices.items()))
+def tool_calls(calls: list[ToolCall]) -> list[wire.ToolCall]:
+    return [wire.ToolCall(id=c.id, function=wire.FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
 
 
-def usage_of(choices: dict[int, ChoiceAccumulator], n: int) -> wire.Usage:
-    """Prompt tokens count once per prompt (every n-th choice shares one), completion tokens for every choice."""
-    prompt = sum(c.prompt_tokens for i, c in choices.items() if i % n == 0)
-    completion = sum(c.completion_tokens for c in choices.values())
-    return wire.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+def tool_call_fragments(fragments: list[ToolCallDelta]) -> list[wire.ToolCallFragment]:
+    """OpenAI's streamed tool calls: the first fragment of a call has its id, type and name; later ones add
+    argument text."""
+    return [
+        wire.ToolCallFragment(
+            index=f.index,
+            id=f.id,
+            type="function" if f.id is not None else None,
+            function=wire.FunctionCallFragment(name=f.name, arguments=f.arguments if f.arguments or f.name else None),
+        )
+        for f in fragments
+    ]
 
 
 def completion_logprobs(logprobs: list[TokenLogprob], offset: int) -> wire.CompletionLogprobs:

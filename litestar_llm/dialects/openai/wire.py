@@ -47,10 +47,47 @@ class ContentPart(Struct, kw_only=True):
     text: str | None = None
 
 
+class FunctionCall(Struct, kw_only=True):
+    name: str
+    arguments: str
+    """The arguments object as JSON text."""
+
+
+class ToolCall(Struct, kw_only=True):
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
 class ChatMessage(Struct, kw_only=True):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+
+
+class FunctionSpec(Struct, kw_only=True):
+    name: Annotated[str, Meta(min_length=1)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(Struct, kw_only=True):
+    function: FunctionSpec
+    type: Literal["function"] = "function"
+
+
+class FunctionName(Struct, kw_only=True):
+    name: str
+
+
+class NamedToolChoice(Struct, kw_only=True):
+    function: FunctionName
+    type: Literal["function"] = "function"
 
 
 class ResponseFormat(Struct, kw_only=True):
@@ -64,7 +101,11 @@ class ChatCompletionRequest(Request, kw_only=True):
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(Request, kw_only=True):
@@ -78,10 +119,20 @@ class CompletionRequest(Request, kw_only=True):
 # -- responses ----------------------------------------------------------------------------------------------
 
 
-class Usage(Struct):
+class PromptTokensDetails(Struct):
+    cached_tokens: int = 0
+
+
+class CompletionTokensDetails(Struct):
+    reasoning_tokens: int = 0
+
+
+class Usage(Struct, kw_only=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | UnsetType = UNSET
+    completion_tokens_details: CompletionTokensDetails | UnsetType = UNSET
 
 
 class TopLogprob(Struct):
@@ -102,10 +153,14 @@ class ChoiceLogprobs(Struct):
     refusal: None = None
 
 
-class AssistantMessage(Struct):
+class AssistantMessage(Struct, kw_only=True):
     content: str | None
     role: str = "assistant"
     refusal: None = None
+    tool_calls: list[ToolCall] | UnsetType = UNSET
+    reasoning: str | UnsetType = UNSET
+    """vLLM's current name for the thinking; `reasoning_content` is the older one, which many clients read."""
+    reasoning_content: str | UnsetType = UNSET
 
 
 class ChatChoice(Struct):
@@ -124,9 +179,24 @@ class ChatCompletion(Struct):
     object: str = "chat.completion"
 
 
+class FunctionCallFragment(Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallFragment(Struct, omit_defaults=True):
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: FunctionCallFragment | None = None
+
+
 class ChunkDelta(Struct, omit_defaults=True):
     content: str | None = None
     role: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallFragment] | None = None
 
 
 class ChunkChoice(Struct):

@@ -5,39 +5,38 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import msgspec
 from litestar import Request, Response, Router, delete, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath
 
-from litestar_llm.dialects.common import guarded_stream, unless_disconnected
 from litestar_llm.dialects.openai import wire as openai_wire
 from litestar_llm.dialects.openai.errors import decode_body, error_body, handle
-from litestar_llm.dialects.openai.translate import accumulate
 from litestar_llm.dialects.responses import wire
 from litestar_llm.dialects.responses.store import ResponseNotFoundError, ResponseStore, StoredResponse, store_provider
 from litestar_llm.dialects.responses.translate import (
     check_supported,
     failed,
     finished,
+    function_call,
     generation_request,
     in_progress,
     input_messages,
     message,
+    param_name,
+    reasoning_item,
+    status_of,
     usage,
 )
-from litestar_llm.engine.base import generate_choices
-from litestar_llm.engine.registry import EngineRegistry
-from litestar_llm.engine.types import ChatMessage, Delta
-from litestar_llm.errors import InvalidRequestError, LitestarLLMError
+from litestar_llm.engine.types import ChatMessage, ToolCall, ToolCallDelta, Usage
+from litestar_llm.errors import LitestarLLMError
+from litestar_llm.serving import Generation, Serving, provide_serving, total_usage
 
 JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 encode = wire.encoder.encode
-# The engine names the chat fields; a Responses client sent these instead.
-_PARAMS = {"max_tokens": "max_output_tokens", "messages": "input"}
 
 
 class EventWriter:
@@ -59,11 +58,10 @@ class EventWriter:
 
 @post("/v1/responses", status_code=200)
 async def create_response(
-    request: Request, registry: NamedDependency[EngineRegistry], responses: NamedDependency[ResponseStore]
+    request: Request, serving: NamedDependency[Serving], responses: NamedDependency[ResponseStore]
 ) -> Response:
     body = decode_body(await request.body(), wire.CreateResponse)
-    engine, model = registry.resolve(body.model)
-    check_supported(body, engine.info)
+    check_supported(body)
     history: list[ChatMessage] = []
     if body.previous_response_id:
         previous = await responses.get(body.previous_response_id)
@@ -73,20 +71,25 @@ async def create_response(
             )
         history = previous.conversation()
     conversation = history + input_messages(body)
-    generation = generation_request(body, conversation, model.defaults)
-    stream = generate_choices(engine, [generation])
-    first = await anext(stream)  # errors before the first token still get a proper status code
-    draft = in_progress(body, generation.sampling, f"resp_{uuid.uuid4().hex}", int(time.time()))
-    item_id = f"msg_{uuid.uuid4().hex}"
+    generation = await serving.generate(request, body.model, generation_request(body, conversation), names=param_name)
+    draft = in_progress(body, generation.requests[0].sampling, f"resp_{uuid.uuid4().hex}", int(time.time()))
     saved = ResponseSaver(responses, body.store, conversation)
     if body.stream:
         events = EventWriter()
-        chunks = response_events(stream, first, events, draft, item_id, saved)
-        return guarded_stream(chunks, stream, events.error, "text/event-stream", SSE_HEADERS)
-    [choice] = (await unless_disconnected(request, accumulate(stream, first))).values()
-    used = usage(choice.prompt_tokens, choice.completion_tokens)
-    done = finished(draft, item_id, choice.text, choice.finish_reason, used, int(time.time()))
-    return Response(await saved(done, choice.text), media_type=JSON)
+        chunks = response_events(generation, events, draft, saved)
+        return generation.respond(chunks, events.error, "text/event-stream", SSE_HEADERS)
+    [choice] = (await generation.collect()).values()
+    output: list[wire.OutputItem] = []
+    status: wire.ItemStatus = "incomplete" if status_of(choice.finish_reason) == "incomplete" else "completed"
+    if choice.reasoning:
+        output.append(reasoning_item(f"rs_{uuid.uuid4().hex}", choice.reasoning, status))
+    calls = choice.tool_calls
+    if choice.text or not calls:
+        output.append(message(f"msg_{uuid.uuid4().hex}", choice.text, status))
+    output.extend(function_call(f"fc_{uuid.uuid4().hex}", call, status) for call in calls)
+    used = usage(total_usage({0: choice.usage}, 1))
+    done = finished(draft, output, choice.finish_reason, used, int(time.time()))
+    return Response(await saved(done, choice.text, calls), media_type=JSON)
 
 
 class ResponseSaver:
@@ -95,13 +98,14 @@ class ResponseSaver:
     def __init__(self, responses: ResponseStore, store: bool, conversation: list[ChatMessage]) -> None:
         self.responses, self.store, self.conversation = responses, store, conversation
 
-    async def __call__(self, response: wire.Response, text: str) -> bytes:
+    async def __call__(self, response: wire.Response, text: str, calls: list[ToolCall] | None = None) -> bytes:
         encoded = encode(response)
         if self.store:
             record = StoredResponse(
                 owner=self.responses.owner,
                 messages=self.conversation,
                 output_text=text,
+                tool_calls=calls or [],
                 status=response.status,
                 response=msgspec.Raw(encoded),
             )
@@ -109,50 +113,137 @@ class ResponseSaver:
         return encoded
 
 
+class OutputItems:
+    """The output items of a streamed response, opened and closed as the kind of delta changes (thinking, text,
+    one function call after another), with the events OpenAI sends for each: an item is added empty, its text
+    arrives in deltas, and it is done with its full content."""
+
+    def __init__(self, events: EventWriter) -> None:
+        self.events = events
+        self.items: list[wire.OutputItem] = []
+        self.texts: list[str] = []
+        self.calls: list[ToolCall] = []
+        self._open: tuple[str, str, int | None] | None = None  # kind, item id, tool-call index
+        self._parts: list[str] = []
+
+    def reasoning(self, text: str) -> Iterator[bytes]:
+        yield from self._switch("reasoning", None)
+        self._parts.append(text)
+        yield self.events(wire.ReasoningDeltaEvent(item_id=self._id, output_index=self._index, delta=text))
+
+    def text(self, text: str) -> Iterator[bytes]:
+        yield from self._switch("message", None)
+        self._parts.append(text)
+        self.texts.append(text)
+        yield self.events(wire.TextDeltaEvent(item_id=self._id, output_index=self._index, delta=text))
+
+    def call(self, fragment: ToolCallDelta) -> Iterator[bytes]:
+        if self._open is None or self._open[0] != "function_call" or self._open[2] != fragment.index:
+            yield from self.close()
+            self.calls.append(
+                ToolCall(id=fragment.id or f"call_{uuid.uuid4().hex}", name=fragment.name or "", arguments="")
+            )
+            self._open = ("function_call", f"fc_{uuid.uuid4().hex}", fragment.index)
+            yield self._added(function_call(self._id, self.calls[-1], "in_progress"))
+        if fragment.arguments:
+            self._parts.append(fragment.arguments)
+            yield self.events(
+                wire.ArgumentsDeltaEvent(item_id=self._id, output_index=self._index, delta=fragment.arguments)
+            )
+
+    def close(self, status: wire.ItemStatus = "completed") -> Iterator[bytes]:
+        if self._open is None:
+            return
+        kind, item_id, _ = self._open
+        text, index = "".join(self._parts), self._index
+        if kind == "reasoning":
+            item = reasoning_item(item_id, text, status)
+            yield self.events(wire.ReasoningDoneEvent(item_id=item_id, output_index=index, text=text))
+        elif kind == "message":
+            item = message(item_id, text, status)
+            yield self.events(wire.TextDoneEvent(item_id=item_id, output_index=index, text=text))
+            yield self.events(
+                wire.ContentPartEvent(
+                    type="response.content_part.done", item_id=item_id, output_index=index, part=item.content[0]
+                )
+            )
+        else:
+            call = self.calls[-1] = msgspec.structs.replace(self.calls[-1], arguments=text or "{}")
+            item = function_call(item_id, call, status)
+            yield self.events(
+                wire.ArgumentsDoneEvent(item_id=item_id, output_index=index, name=call.name, arguments=call.arguments)
+            )
+        self.items.append(item)
+        self._open, self._parts = None, []
+        yield self.events(wire.OutputItemEvent(type="response.output_item.done", output_index=index, item=item))
+
+    @property
+    def _id(self) -> str:
+        return self._open[1]
+
+    @property
+    def _index(self) -> int:
+        return len(self.items)
+
+    def _switch(self, kind: str, call: int | None) -> Iterator[bytes]:
+        if self._open is not None and self._open[0] == kind:
+            return
+        yield from self.close()
+        prefix = {"reasoning": "rs", "message": "msg"}[kind]
+        self._open = (kind, f"{prefix}_{uuid.uuid4().hex}", call)
+        if kind == "reasoning":
+            yield self._added(wire.Reasoning(id=self._id, status="in_progress"))
+        else:
+            yield self._added(wire.OutputMessage(id=self._id, status="in_progress", content=[]))
+            yield self.events(
+                wire.ContentPartEvent(
+                    type="response.content_part.added",
+                    item_id=self._id,
+                    output_index=self._index,
+                    part=wire.OutputText(text=""),
+                )
+            )
+
+    def _added(self, item: wire.OutputItem) -> bytes:
+        return self.events(wire.OutputItemEvent(type="response.output_item.added", output_index=self._index, item=item))
+
+
 async def response_events(
-    stream: AsyncIterator[tuple[int, Delta]],
-    first: tuple[int, Delta],
-    events: EventWriter,
-    draft: wire.Response,
-    item_id: str,
-    saved: ResponseSaver,
+    generation: Generation, events: EventWriter, draft: wire.Response, saved: ResponseSaver
 ) -> AsyncIterator[bytes]:
     yield events(wire.ResponseEvent(type="response.created", response=draft))
     yield events(wire.ResponseEvent(type="response.in_progress", response=draft))
-    yield events(wire.OutputItemEvent(type="response.output_item.added", item=message(item_id, "", "in_progress")))
-    yield events(
-        wire.ContentPartEvent(type="response.content_part.added", item_id=item_id, part=wire.OutputText(text=""))
-    )
-    texts: list[str] = []
-    prompt_tokens = completion_tokens = 0
+    items = OutputItems(events)
+    last = Usage(prompt_tokens=0, completion_tokens=0)
     finish_reason = None
-    _, delta = first
     try:
-        while True:
+        async for _, delta in generation:
+            if delta.reasoning:
+                for event in items.reasoning(delta.reasoning):
+                    yield event
             if delta.text:
-                texts.append(delta.text)
-                yield events(wire.TextDeltaEvent(item_id=item_id, delta=delta.text))
+                for event in items.text(delta.text):
+                    yield event
+            for fragment in delta.tool_calls or ():
+                for event in items.call(fragment):
+                    yield event
             if delta.usage is not None:
-                prompt_tokens, completion_tokens = delta.usage.prompt_tokens, delta.usage.completion_tokens
+                last = delta.usage
             finish_reason = delta.finish_reason or finish_reason
-            try:
-                _, delta = await anext(stream)
-            except StopAsyncIteration:
-                break
     except Exception as exc:  # the engine failed mid-stream: the response fails, as OpenAI reports it
         status_code, error = error_body(exc)
         response = failed(draft, status_code, error.error.message)
         await saved(response, "")
         yield events(wire.ResponseEvent(type="response.failed", response=response))
         return
-    text = "".join(texts)
-    used = usage(prompt_tokens, completion_tokens)
-    done = finished(draft, item_id, text, finish_reason, used, int(time.time()))
-    item = done.output[0]
-    yield events(wire.TextDoneEvent(item_id=item_id, text=text))
-    yield events(wire.ContentPartEvent(type="response.content_part.done", item_id=item_id, part=item.content[0]))
-    yield events(wire.OutputItemEvent(type="response.output_item.done", item=item))
-    await saved(done, text)  # stored before the client hears it is done, so an immediate GET finds it
+    if not items.items and items._open is None:  # nothing at all was generated: still one (empty) message
+        for event in items.text(""):
+            yield event
+    status = status_of(finish_reason)
+    for event in items.close("incomplete" if status == "incomplete" else "completed"):
+        yield event
+    done = finished(draft, items.items, finish_reason, usage(last), int(time.time()))
+    await saved(done, "".join(items.texts), items.calls)  # stored before the client hears it is done
     yield events(wire.ResponseEvent(type=f"response.{done.status}", response=done))  # completed or incomplete
 
 
@@ -175,8 +266,6 @@ def _handle(request: Request, exc: Exception) -> Response[bytes]:
     if isinstance(exc, ResponseNotFoundError):  # not a model: no model_not_found code
         error = openai_wire.Error(message=exc.message, type="invalid_request_error", param=exc.param)
         return Response(encode(openai_wire.ErrorResponse(error)), status_code=404, media_type=JSON)
-    if isinstance(exc, InvalidRequestError) and exc.param in _PARAMS:
-        exc = InvalidRequestError(exc.message, param=_PARAMS[exc.param])
     return handle(request, exc)
 
 
@@ -184,7 +273,10 @@ def responses_router(ttl_s: int) -> Router:
     return Router(
         path="/",
         route_handlers=[create_response, retrieve_response, delete_response],
-        dependencies={"responses": Provide(store_provider(ttl_s), sync_to_thread=False)},
+        dependencies={
+            "responses": Provide(store_provider(ttl_s), sync_to_thread=False),
+            "serving": Provide(provide_serving, use_cache=True, sync_to_thread=False),
+        },
         exception_handlers={Exception: _handle, LitestarLLMError: _handle},
         tags=["OpenAI Responses"],
     )

@@ -13,7 +13,7 @@ import msgspec
 from litestar import Request
 from litestar.stores.base import Store
 
-from litestar_llm.engine.types import ChatMessage
+from litestar_llm.engine.types import ChatMessage, ToolCall
 from litestar_llm.errors import LitestarLLMError, StateUnavailableError
 
 STORE_NAME = "responses"
@@ -25,6 +25,8 @@ class StoredResponse(msgspec.Struct, kw_only=True):
     messages: list[ChatMessage]
     """The conversation it answered, inherited turns included; `instructions` are not (they do not carry over)."""
     output_text: str
+    tool_calls: list[ToolCall] = []
+    """The calls the response made: a response continuing from it sends their outputs."""
     status: str
     response: msgspec.Raw
     """The response object as it was sent; GET answers it unchanged."""
@@ -33,7 +35,7 @@ class StoredResponse(msgspec.Struct, kw_only=True):
         """The messages a response continuing from this one starts with."""
         if self.status == "failed":  # nothing was answered
             return list(self.messages)
-        return [*self.messages, ChatMessage(role="assistant", content=self.output_text)]
+        return [*self.messages, ChatMessage(role="assistant", content=self.output_text, tool_calls=self.tool_calls)]
 
 
 class ResponseNotFoundError(LitestarLLMError):

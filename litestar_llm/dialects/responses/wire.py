@@ -29,11 +29,35 @@ class InputPart(Struct, kw_only=True):
 
 
 class InputItem(Struct, kw_only=True):
-    """A message item (an easy message leaves `type` out). Other item types are refused in translate.py."""
+    """A message item (an easy message leaves `type` out), a `function_call` the model made, the
+    `function_call_output` the client sends back, or a `reasoning` item (dropped: the template re-renders the
+    conversation). Other item types are refused in translate.py."""
 
     type: str = "message"
     role: Role | None = None
     content: str | list[InputPart] | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | list[InputPart] | None = None
+
+
+class FunctionTool(Struct, kw_only=True):
+    type: str
+    name: str | None = None
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class NamedFunction(Struct, kw_only=True):
+    type: Literal["function"]
+    name: str
+
+
+class ReasoningConfig(Struct, kw_only=True):
+    effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    summary: str | None = None
 
 
 class TextFormat(Struct, kw_only=True, omit_defaults=True):
@@ -63,8 +87,9 @@ class CreateResponse(Struct, kw_only=True):
     metadata: Metadata | None = None
     text: TextConfig | None = None
     parallel_tool_calls: bool = True
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedFunction | None = None
+    reasoning: ReasoningConfig | None = None
     background: bool | None = None
     conversation: str | dict[str, Any] | None = None
     prompt: dict[str, Any] | None = None
@@ -80,12 +105,34 @@ class OutputText(Struct, kw_only=True):
     logprobs: list[Any] = []
 
 
-class OutputMessage(Struct, kw_only=True):
-    type: Literal["message"] = "message"
+class OutputMessage(Struct, kw_only=True, tag="message", tag_field="type"):
     id: str
     status: ItemStatus
     role: Literal["assistant"] = "assistant"
     content: list[OutputText] = []
+
+
+class FunctionCall(Struct, kw_only=True, tag="function_call", tag_field="type"):
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: ItemStatus
+
+
+class ReasoningText(Struct, kw_only=True):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class Reasoning(Struct, kw_only=True, tag="reasoning", tag_field="type"):
+    id: str
+    summary: list[Any] = []
+    content: list[ReasoningText] = []
+    status: ItemStatus
+
+
+OutputItem = OutputMessage | FunctionCall | Reasoning
 
 
 class InputTokensDetails(Struct, kw_only=True):
@@ -125,14 +172,15 @@ class Response(Struct, kw_only=True):
     instructions: str | None
     max_output_tokens: int | None
     model: str
-    output: list[OutputMessage] = []
+    output: list[OutputItem] = []
     parallel_tool_calls: bool
     previous_response_id: str | None
     store: bool
     temperature: float
     text: TextConfig
-    tool_choice: str = "auto"
-    tools: list[Any] = []
+    tool_choice: str | NamedFunction = "auto"
+    tools: list[FunctionTool] = []
+    reasoning: ReasoningConfig | None = None
     top_p: float
     truncation: Literal["auto", "disabled"] = "disabled"
     usage: Usage | UnsetType = UNSET
@@ -161,14 +209,14 @@ class OutputItemEvent(Struct, kw_only=True):
     type: Literal["response.output_item.added", "response.output_item.done"]
     sequence_number: int = 0
     output_index: int = 0
-    item: OutputMessage
+    item: OutputItem
 
 
 class ContentPartEvent(Struct, kw_only=True):
     type: Literal["response.content_part.added", "response.content_part.done"]
     sequence_number: int = 0
     item_id: str
-    output_index: int = 0
+    output_index: int
     content_index: int = 0
     part: OutputText
 
@@ -177,7 +225,7 @@ class TextDeltaEvent(Struct, kw_only=True):
     type: Literal["response.output_text.delta"] = "response.output_text.delta"
     sequence_number: int = 0
     item_id: str
-    output_index: int = 0
+    output_index: int
     content_index: int = 0
     delta: str
     logprobs: list[Any] = []
@@ -187,10 +235,45 @@ class TextDoneEvent(Struct, kw_only=True):
     type: Literal["response.output_text.done"] = "response.output_text.done"
     sequence_number: int = 0
     item_id: str
-    output_index: int = 0
+    output_index: int
     content_index: int = 0
     text: str
     logprobs: list[Any] = []
+
+
+class ArgumentsDeltaEvent(Struct, kw_only=True):
+    type: Literal["response.function_call_arguments.delta"] = "response.function_call_arguments.delta"
+    sequence_number: int = 0
+    item_id: str
+    output_index: int
+    delta: str
+
+
+class ArgumentsDoneEvent(Struct, kw_only=True):
+    type: Literal["response.function_call_arguments.done"] = "response.function_call_arguments.done"
+    sequence_number: int = 0
+    item_id: str
+    output_index: int
+    name: str
+    arguments: str
+
+
+class ReasoningDeltaEvent(Struct, kw_only=True):
+    type: Literal["response.reasoning_text.delta"] = "response.reasoning_text.delta"
+    sequence_number: int = 0
+    item_id: str
+    output_index: int
+    content_index: int = 0
+    delta: str
+
+
+class ReasoningDoneEvent(Struct, kw_only=True):
+    type: Literal["response.reasoning_text.done"] = "response.reasoning_text.done"
+    sequence_number: int = 0
+    item_id: str
+    output_index: int
+    content_index: int = 0
+    text: str
 
 
 class ErrorEvent(Struct, kw_only=True):
