@@ -195,6 +195,8 @@ class Delta(msgspec.Struct, kw_only=True):
     reasoning: str = ""
     """Thinking text."""
     tool_calls: list[ToolCallDelta] | None = None
+    stop_sequence: str | None = None
+    """On the last delta of a sequence a stop string ended: which one (Anthropic's `stop_sequence`)."""
     token_ids: list[int] = []
     logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
