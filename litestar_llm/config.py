@@ -68,6 +68,11 @@ class MLXBackendConfig(Section, tag="mlx", tag_field="kind"):
     """Prompt tokens per prefill chunk: longer prompts are processed in chunks between decode steps."""
     prompt_cache_size: Annotated[int, Meta(ge=0)] = 10
     """KV caches of finished sequences kept for reuse by prompts that share their prefix; 0 turns it off."""
+    max_queue: Positive | None = None
+    """Requests that may wait for a batch slot; one more is refused at once with 503 and Retry-After. Omitted:
+    4 x max_batch_size."""
+    max_queue_wait_s: Annotated[float, Meta(gt=0)] = 60.0
+    """A request that waited this long without a batch slot is dropped from the queue and answered 503."""
 
 
 class VLLMBackendConfig(Section, tag="vllm", tag_field="kind"):

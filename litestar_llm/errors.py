@@ -106,3 +106,16 @@ class UpstreamError(LitestarLLMError):
         self.message = message
         self.headers = headers or {}
         super().__init__(message)
+
+
+class OverloadedError(LitestarLLMError):
+    """A model's queue is full, or a request waited longer than its backend allows for a batch slot: 503 with
+    Retry-After; the client may retry later. `reason` tells it apart from an engine that is down."""
+
+    status_code = 503
+    reason = "overload"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        self.message = message
+        self.headers = {"Retry-After": str(retry_after_s)}
+        super().__init__(message)
