@@ -13,6 +13,7 @@ from litestar.plugins import PluginProtocol
 
 from litestar_llm import __version__
 from litestar_llm.config import Settings
+from litestar_llm.dialects.anthropic import AnthropicRoutesPlugin
 from litestar_llm.dialects.ollama import OllamaRoutesPlugin
 from litestar_llm.dialects.openai import OpenAIRoutesPlugin
 from litestar_llm.dialects.responses import ResponsesRoutesPlugin
@@ -63,6 +64,8 @@ def create_app(settings: Settings) -> Litestar:
         plugins.append(OllamaRoutesPlugin())
     if settings.routes.responses:
         plugins.append(ResponsesRoutesPlugin(settings.state.responses_ttl_s))
+    if settings.routes.anthropic:
+        plugins.append(AnthropicRoutesPlugin())
     plugins.extend(deployment_plugins(settings))
     level = settings.server.log_level.upper()
     return Litestar(

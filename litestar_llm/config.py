@@ -53,6 +53,8 @@ class RoutesConfig(Section):
     """/, /api/generate, /api/chat, /api/tags, /api/show, /api/ps, /api/version, /api/embed"""
     responses: bool = True
     """/v1/responses: OpenAI's Responses API, with stored responses kept in [state]"""
+    anthropic: bool = False
+    """POST /v1/messages, /v1/messages/count_tokens"""
 
 
 class MLXBackendConfig(Section, tag="mlx", tag_field="kind"):

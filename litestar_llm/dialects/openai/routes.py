@@ -12,6 +12,7 @@ from litestar import Request, Response, Router, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath
 
+from litestar_llm.dialects.anthropic.routes import models_answer
 from litestar_llm.dialects.openai import wire
 from litestar_llm.dialects.openai.errors import decode_body, exception_handlers, sse_error
 from litestar_llm.dialects.openai.translate import (
@@ -45,14 +46,20 @@ def _sse(obj: msgspec.Struct) -> bytes:
 
 
 @get("/v1/models")
-async def list_models(registry: NamedDependency[EngineRegistry]) -> Response[bytes]:
+async def list_models(request: Request, registry: NamedDependency[EngineRegistry]) -> Response[bytes]:
+    if (anthropic := models_answer(request, registry)) is not None:  # a client that sent anthropic-version
+        return anthropic
     data = [wire.Model(id=name, created=engine.info.created, owned_by="litestar-llm") for name, engine in registry]
     return _json(wire.ModelList(data=data))
 
 
 @get("/v1/models/{model_id:path}")
-async def get_model(model_id: FromPath[str], registry: NamedDependency[EngineRegistry]) -> Response[bytes]:
+async def get_model(
+    request: Request, model_id: FromPath[str], registry: NamedDependency[EngineRegistry]
+) -> Response[bytes]:
     model_id = model_id.lstrip("/")
+    if (anthropic := models_answer(request, registry, model_id)) is not None:
+        return anthropic
     engine, _config = registry.resolve(model_id)
     return _json(wire.Model(id=model_id, created=engine.info.created, owned_by="litestar-llm"))
 
