@@ -48,13 +48,16 @@ class OutputSplitter:
     """One sequence's position in the state machine; `split` turns a delta's raw text into answer text, thinking
     and finished tool calls."""
 
-    __slots__ = ("_calls", "_parser", "_state", "_tool_text", "_tools", "called")
+    __slots__ = ("_calls", "_parser", "_state", "_tool_text", "_tools", "called", "reasoning_tokens")
 
     def __init__(self, state: Any, parser: Any, tools: list[dict] | None) -> None:
         self._state, self._parser, self._tools = state, parser, tools
         self._tool_text: list[str] = []
         self._calls = 0
         self.called = False
+        self.reasoning_tokens = 0
+        """Tokens spent thinking: a token is one delta on MLX, counted when it added only thinking (or a
+        marker) while the sequence thinks."""
 
     def split(self, delta: Delta) -> Delta:
         self._state, segments = TextStateMachine.split(self._state, delta.text)
@@ -74,6 +77,10 @@ class OutputSplitter:
         if delta.finish_reason is not None and self._tool_text:
             calls.extend(self._finish_call())  # a call cut off by max_tokens or the end of the sequence
         delta.text, delta.reasoning = "".join(text), "".join(reasoning)
+        if segments[0][0] == "reasoning" and not delta.text and not calls:
+            self.reasoning_tokens += len(delta.token_ids)
+        if delta.usage is not None:
+            delta.usage.reasoning_tokens = self.reasoning_tokens
         if calls:
             delta.tool_calls = calls
             self.called = True
