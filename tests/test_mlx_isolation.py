@@ -227,15 +227,16 @@ class _Reference:
     """The obvious matcher (every stop searched at every feed): what StopStringMatcher must answer, piece by piece."""
 
     def __init__(self, stops: list[str]) -> None:
-        self.stops, self.held, self.stopped = [s for s in stops if s], "", False
+        self.stops, self.held, self.stopped, self.matched = [s for s in stops if s], "", False, None
 
     def feed(self, text: str) -> str:
         if not self.stops:
             return text
         buffer = self.held + text
         cut = min((i for s in self.stops if (i := buffer.find(s)) >= 0), default=-1)
-        if cut >= 0:
+        if cut >= 0:  # of the stops there, the one that completed first (the shortest)
             self.held, self.stopped = "", True
+            self.matched = min((s for s in self.stops if buffer.find(s) == cut), key=len)
             return buffer[:cut]
         keep = max((k for s in self.stops for k in range(1, len(s)) if buffer.endswith(s[:k])), default=0)
         self.held = buffer[len(buffer) - keep :]
@@ -246,14 +247,14 @@ class _Reference:
         return held
 
 
-def _pieces(matcher, pieces: list[str]) -> tuple[list[str], bool]:
+def _pieces(matcher, pieces: list[str]) -> tuple[list[str], bool, str | None]:
     out = []
     for piece in pieces:
         out.append(matcher.feed(piece))
         if matcher.stopped:
-            return out, True
+            return out, True, matcher.matched
     out.append(matcher.flush())
-    return out, False
+    return out, False, matcher.matched
 
 
 def _word(rng: random.Random, alphabet: str, size: int) -> str:
@@ -277,4 +278,4 @@ def test_fifty_thousand_stops() -> None:
     matcher = StopStringMatcher(stops)
     out = "".join(matcher.feed(text[i : i + 3]) for i in range(0, len(text), 3))
     assert not matcher.stopped and out == "xyz " * 50  # the partial stop is held back
-    assert matcher.feed(target[-1] + " more") == "" and matcher.stopped
+    assert matcher.feed(target[-1] + " more") == "" and matcher.stopped and matcher.matched == target

@@ -15,7 +15,7 @@ from bisect import bisect_left
 class StopStringMatcher:
     """Feed text pieces; get back what is safe to emit now. Text that could be the start of a stop is held back."""
 
-    __slots__ = ("_firsts", "_held", "_lasts", "_lengths", "_longest", "_set", "_sorted", "stopped")
+    __slots__ = ("_firsts", "_held", "_lasts", "_lengths", "_longest", "_set", "_sorted", "matched", "stopped")
 
     def __init__(self, stops: list[str]) -> None:
         unique = {s for s in stops if s}
@@ -27,6 +27,8 @@ class StopStringMatcher:
         self._lasts = frozenset(s[-1] for s in unique)
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None
+        """Once stopped: the stop string that ended the text."""
 
     def feed(self, text: str) -> str:
         if not self._set:
@@ -50,7 +52,7 @@ class StopStringMatcher:
         """The start of the earliest stop in `buffer`, or -1. The held part holds no whole stop, so a stop ends in
         the new text; of all that do, the one that starts first wins (as `min(buffer.find(stop))` would say)."""
         stops, lengths, lasts, longest = self._set, self._lengths, self._lasts, self._longest
-        cut = -1
+        cut, matched = -1, None
         for end in range(new_from + 1, len(buffer) + 1):
             if cut >= 0 and end - longest >= cut:
                 break  # nothing ending here or later can start before the stop already found
@@ -59,8 +61,10 @@ class StopStringMatcher:
             for size in reversed(lengths):  # longest first: it starts earliest
                 if size <= end and buffer[end - size : end] in stops:
                     if cut < 0 or end - size < cut:
-                        cut = end - size
+                        cut, matched = end - size, buffer[end - size : end]
                     break
+        if matched is not None:
+            self.matched = matched
         return cut
 
     def _longest_partial_stop(self, buffer: str) -> int:
