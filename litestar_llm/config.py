@@ -42,6 +42,27 @@ class ServerConfig(Section):
     """Bodies above this answer 413."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     cors_origins: list[str] = []
+    access_log: bool = True
+    """One info line per request (client, method, path, status, duration, key name); /health, /ready and /metrics
+    at debug level. A client that left before its response was complete is logged as 499."""
+    drain_timeout_s: Annotated[float, Meta(ge=0)] = 30.0
+    """On SIGINT or SIGTERM, how long requests in flight may take to finish. Then (or at a second signal) the
+    generations still running end with the dialect's error event ("server is shutting down") and the server exits."""
+    backpressure: Positive = 4096
+    """Connections each worker holds open at once (granian's backpressure); more wait in the kernel's accept queue.
+    Idle keep-alive and slow connections count, so keep it well above the streams you expect."""
+    header_read_timeout_s: Annotated[float, Meta(gt=0)] = 30.0
+    """A request's headers must arrive within this (granian's HTTP/1 header_read_timeout); else it is dropped."""
+    body_read_timeout_s: Annotated[float, Meta(gt=0)] = 60.0
+    """A request's whole body must arrive within this from the request's start; else it answers 408."""
+
+    def __post_init__(self) -> None:
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ValueError(f"host must be an IP address (127.0.0.1, 0.0.0.0, ::), got {self.host!r}") from None
 
 
 class RoutesConfig(Section):
@@ -265,24 +286,97 @@ def _convert(data: Any, type_: type, prefix: str) -> Any:
     try:
         return msgspec.convert(data, type_)
     except msgspec.ValidationError as exc:
-        raise _config_error(str(exc), prefix) from None
+        raise _config_error(str(exc), prefix, type_, data) from None
 
 
-def _config_error(message: str, prefix: str) -> ConfigError:
+def _config_error(message: str, prefix: str, type_: Any = None, data: Any = None) -> ConfigError:
     text, _, at = message.partition(" - at `$")
     path = prefix + at.rstrip("`") if at else prefix
     if m := re.match(r"Object contains unknown field `(.+)`", text):
-        return ConfigError(_join(path.lstrip("."), m.group(1)), "unknown field")
+        known = _field_names(type_, data, at.rstrip("`")) if type_ is not None else []
+        close = difflib.get_close_matches(m.group(1), known, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        return ConfigError(_join(path.lstrip("."), m.group(1)), "unknown field" + hint)
     if m := re.match(r"Object missing required field `(.+)`", text):
         return ConfigError(_join(path.lstrip("."), m.group(1)), "required field is missing")
     text = text.replace("`", "")
     return ConfigError(path.lstrip("."), text[:1].lower() + text[1:])
 
 
+def _field_names(type_: Any, data: Any, at: str) -> list[str]:
+    """The keys the table at `at` (msgspec's error path below `type_`: `.server`, `.models[0].defaults`) may have,
+    for "did you mean"; a tagged union (a backend) is narrowed by its `kind` in `data`."""
+    import msgspec.inspect as mi
+
+    def narrow(info: Any, value: Any) -> list[Any]:
+        while isinstance(info, mi.Metadata):
+            info = info.type
+        if isinstance(info, mi.UnionType):
+            structs = [t for t in info.types if isinstance(t, mi.StructType)]
+            kind = value.get(structs[0].tag_field) if structs and isinstance(value, dict) else None
+            return [t for t in structs if t.tag == kind] or structs
+        return [info]
+
+    infos = narrow(mi.type_info(type_), data)
+    for key, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", at):
+        step: list[Any] = []
+        for info in infos:
+            if key and isinstance(info, mi.StructType):
+                step += [f.type for f in info.fields if f.encode_name == key]
+            elif key and isinstance(info, mi.DictType):
+                step.append(info.value_type)
+            elif index and isinstance(info, mi.ListType):
+                step.append(info.item_type)
+        if key:
+            data = data.get(key) if isinstance(data, dict) else None
+        else:
+            data = data[int(index)] if isinstance(data, list) and int(index) < len(data) else None
+        infos = [narrowed for info in step for narrowed in narrow(info, data)]
+    return sorted({f.encode_name for info in infos if isinstance(info, mi.StructType) for f in info.fields})
+
+
 def _is_local_path(source: str, base_dir: Path) -> bool:
+    """Whether a model's `source` names a folder (relative to server.toml) rather than a Hugging Face repo id.
+
+    Anything starting with `.`, `/` or `~`, anything that exists beside server.toml, and anything not shaped
+    `org/name` (one slash) is a folder. An `org/name` is a repo id when it is in the local hub cache; otherwise it
+    is a folder when a folder `org` exists beside server.toml (`models/tiny` next to a `models/` folder is a
+    missing model folder, not a repo), or when the hub cannot be asked (HF_HUB_OFFLINE is set); else a repo id."""
     if source.startswith((".", "/", "~")) or (base_dir / source).exists():
         return True
-    return not _HUB_ID.match(source)
+    if not _HUB_ID.match(source):
+        return True
+    if _in_hub_cache(source):
+        return False
+    return (base_dir / source.partition("/")[0]).is_dir() or _hub_offline()
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # not a valid repo id for the hub
+        return False
+
+
+def _missing_folder(source: str, folder: Path, base_dir: Path) -> str:
+    """The error for a model folder that is not there, with the rule that made `source` a folder."""
+    message = f"no model folder at {folder}"
+    if _HUB_ID.match(source) and not source.startswith("."):
+        org = source.partition("/")[0]
+        why = f"a folder {org!r} exists beside server.toml" if (base_dir / org).is_dir() else "HF_HUB_OFFLINE is set"
+        message += (
+            f" ({source!r} is read as a folder, not a Hugging Face repo id, because it is not in the hub cache and "
+            f"{why}; write ./{source} for a folder)"
+        )
+    return message
 
 
 def parse_settings(data: dict, base_dir: Path) -> Settings:
@@ -381,7 +475,7 @@ def _check_models(settings: Settings, base_dir: Path) -> None:
         if _is_local_path(model.source, base_dir):
             folder = (base_dir / Path(model.source).expanduser()).resolve()
             if not folder.is_dir():
-                raise ConfigError(f"{where}.source", f"no model folder at {folder}")
+                raise ConfigError(f"{where}.source", _missing_folder(model.source, folder, base_dir))
             model.source = str(folder)
 
 

@@ -1,4 +1,5 @@
-"""Per-key rate limits over sliding one-minute windows: requests, tokens and concurrent streams.
+"""Per-key rate limits over sliding one-minute windows: requests, tokens and concurrent streams; and the bound on
+how long a request's body may take to arrive (slow clients).
 
 A sliding log (every admitted request, every token reservation, kept with its time) is exact: no fixed-window
 boundary lets 2x through. The windows live in one process (`MemoryWindows`) or in Redis (`RedisWindows`), where
@@ -17,6 +18,11 @@ import time
 import uuid
 from collections import deque
 from typing import TYPE_CHECKING
+
+from litestar.enums import ScopeType
+from litestar.exceptions import HTTPException
+from litestar.middleware import ASGIMiddleware
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from litestar_llm.errors import InvalidRequestError, RateLimitError, StateUnavailableError
 
@@ -421,3 +427,46 @@ def _warn_store_down(exc: BaseException) -> None:
     if time.monotonic() - _last_warning > 10:  # once per outage burst, not once per request
         _last_warning = time.monotonic()
         logger.warning("shared state store unreachable (%s): rate limits are not enforced ([state] fail_open)", exc)
+
+
+# -- slow clients -----------------------------------------------------------------------------------------------
+
+
+class BodyReadTimeout(ASGIMiddleware):
+    """A request's whole body must arrive within `timeout_s` of the request's start; else it answers 408 (in the
+    route's dialect, through the exception handlers) and the connection closes.
+
+    Why here: granian bounds how long headers may take (`http1_settings.header_read_timeout`, `[server]
+    header_read_timeout_s`) and how many connections a worker holds (`backpressure`), but has no bound on the body:
+    a client trickling a body a byte at a time would keep its connection, and one of those permits, for as long as
+    it likes, and enough of them would lock everyone else out. Only waits for the body are timed; once it is
+    complete, `receive` (which then only reports a disconnect) is passed through untouched."""
+
+    scopes = (ScopeType.HTTP,)
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        complete = False
+
+        async def timed_receive() -> Message:
+            nonlocal complete
+            if complete:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                complete = True
+                raise HTTPException(
+                    status_code=408,
+                    detail=f"the request body did not arrive within {self.timeout_s:g} s (server.body_read_timeout_s)",
+                    headers={"Connection": "close"},
+                ) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                complete = True
+            return message
+
+        await next_app(scope, timed_receive, send)

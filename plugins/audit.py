@@ -4,7 +4,8 @@
     plugins = ["plugins.audit:AuditPlugin"]
 
 Lines go to the `litestar_llm.audit` logger, so they land wherever the server's logs go; set
-`AUDIT_LOG_FILE` to also append them to a file.
+`AUDIT_LOG_FILE` to also append them to a file. A client that left before its response was complete is recorded
+with status 499, as in the access log.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from litestar.config.app import AppConfig
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
 from litestar.plugins import InitPlugin
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+from litestar_llm.plugins.telemetry.access import Outcome
 
 logger = logging.getLogger("litestar_llm.audit")
 
@@ -28,19 +31,12 @@ class AuditMiddleware(ASGIMiddleware):
     exclude_path_pattern = ("^/health$", "^/ready$", "^/metrics$")
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
-        started = time.perf_counter()
-        status = 500
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        outcome = Outcome()
+        receive, send = outcome.wrap(receive, send)
         try:
-            await next_app(scope, receive, send_wrapper)
-        except Exception as exc:  # answered by the app's exception handlers, outside every middleware
-            status = getattr(exc, "status_code", 500)
+            await next_app(scope, receive, send)
+        except BaseException as exc:  # answered by the app's exception handlers, outside every middleware
+            outcome.failed(exc)
             raise
         finally:
             auth = scope.get("state", {}).get("api_key_name")  # set by the auth plugin when one is installed
@@ -49,8 +45,8 @@ class AuditMiddleware(ASGIMiddleware):
                     "ts": round(time.time(), 3),
                     "method": scope["method"],
                     "path": scope["path"],
-                    "status": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                    "status": outcome.status,
+                    "duration_ms": round(outcome.duration_ms, 2),
                     "key": auth,
                     "client": (scope.get("client") or ("", 0))[0],
                 }

@@ -38,7 +38,15 @@ def folder(tmp_path: Path) -> Path:
 
 BAD_CONFIGS = [
     ("unknown top-level table", "[srever]\nport = 1\n" + BACKEND + model(), "srever: unknown field"),
-    ("unknown server key", "[server]\nprot = 1\n" + BACKEND + model(), "server.prot: unknown field"),
+    ("unknown server key", "[server]\nprot = 1\n" + BACKEND + model(), "server.prot: unknown field; did you mean port?"),
+    ("top-level typo", "[srever]\nport = 1\n" + BACKEND + model(), "srever: unknown field; did you mean server?"),
+    ("backend key typo", BACKEND + "max_batch = 4\n" + model(), "backends.local.max_batch: unknown field; did you mean max_batch_size?"),
+    ("remote key typo", '[backends.local]\nkind = "openai"\nurls = ["http://h/v1"]\ncooldown = 1\n' + model(), "backends.local.cooldown: unknown field; did you mean cooldown_s?"),
+    ("default typo", BACKEND + model() + "[models.defaults]\ntemprature = 1\n", "models[0].defaults.temprature: unknown field; did you mean temperature?"),
+    ("nothing close", "[server]\nzzzzzz = 1\n" + BACKEND + model(), "server.zzzzzz: unknown field"),
+    ("host not an ip", '[server]\nhost = "localhost"\n' + BACKEND + model(), "server: host must be an IP address (127.0.0.1, 0.0.0.0, ::), got 'localhost'"),
+    ("negative drain", "[server]\ndrain_timeout_s = -1\n" + BACKEND + model(), "server.drain_timeout_s: expected float >= 0"),
+    ("zero body timeout", "[server]\nbody_read_timeout_s = 0\n" + BACKEND + model(), "server.body_read_timeout_s: expected float > 0"),
     ("port out of range", "[server]\nport = 70000\n" + BACKEND + model(), "server.port: expected int <= 65535"),
     ("port wrong type", '[server]\nport = "x"\n' + BACKEND + model(), "server.port: expected int, got str"),
     ("workers zero", "[server]\nworkers = 0\n" + BACKEND + model(), "server.workers: expected int >= 1"),
@@ -88,9 +96,50 @@ def test_good_config_resolves(folder: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert settings.backends["local"].kind == "mlx"
 
 
-def test_hub_ids_are_not_folders(folder: Path) -> None:
+def test_hub_ids_are_not_folders(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the hub may be asked: an uncached org/name is a repo id
     settings = load_settings(write(folder, BACKEND + model("mlx-community/Llama-3.2-1B-Instruct-4bit")))
     assert settings.models[0].source == "mlx-community/Llama-3.2-1B-Instruct-4bit"
+
+
+def test_a_relative_path_that_is_missing_is_a_config_error_not_a_hub_lookup(folder: Path) -> None:
+    """`models/tiny` beside a `models/` folder is a model folder that is not there, whatever the hub has."""
+    (folder / "models").mkdir()
+    with pytest.raises(ConfigError) as error:
+        load_settings(write(folder, BACKEND + model("models/tiny")))
+    message = str(error.value)
+    assert f"models[0].source: no model folder at {(folder / 'models' / 'tiny').resolve()}" in message
+    assert "a folder 'models' exists beside server.toml" in message and "./models/tiny" in message
+
+
+def test_an_uncached_repo_id_while_offline_is_a_config_error(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError) as error:
+        load_settings(write(folder, BACKEND + model("someorg/not-cached")))
+    assert f"no model folder at {(folder / 'someorg' / 'not-cached').resolve()}" in str(error.value)
+    assert "not in the hub cache and HF_HUB_OFFLINE is set" in str(error.value)
+
+
+def test_a_cached_repo_id_stays_a_repo_id_offline(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    cache = folder / "hub"
+    snapshot = cache / "models--someorg--cached" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (cache / "models--someorg--cached" / "refs").mkdir()
+    (cache / "models--someorg--cached" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (folder / "someorg").mkdir()  # even beside a folder of the org's name: the cache decides first
+    settings = load_settings(write(folder, BACKEND + model("someorg/cached")))
+    assert settings.models[0].source == "someorg/cached"
+
+
+def test_server_hardening_defaults(folder: Path) -> None:
+    server = load_settings(write(folder, BACKEND + model())).server
+    assert (server.drain_timeout_s, server.access_log, server.backpressure) == (30.0, True, 4096)
+    assert (server.header_read_timeout_s, server.body_read_timeout_s) == (30.0, 60.0)
 
 
 def test_environment_and_flags_override_the_file(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:

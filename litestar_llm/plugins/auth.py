@@ -61,6 +61,17 @@ def presented_key(scope: Scope) -> str | None:
     return None
 
 
+UNMETERED_PATHS = frozenset(
+    {"/health", "/ready", "/metrics", "/", "/v1/models", "/api/tags", "/api/ps", "/api/show", "/api/version"}
+)
+"""Health, model listings and metrics: authenticated like everything else, but never counted against a key's
+requests_per_minute (a client that lists models before each call, or a dashboard, must not use up its budget)."""
+
+
+def unmetered(path: str) -> bool:
+    return path in UNMETERED_PATHS or path.startswith("/v1/models/")
+
+
 class AuthMiddleware(ASGIMiddleware):
     scopes = (ScopeType.HTTP,)
 
@@ -89,7 +100,7 @@ class AuthMiddleware(ASGIMiddleware):
         limits = KeyLimits(entry.name, entry.policy, self.windows, self.fail_open) if entry.policy else None
         token = current_caller.set(Caller(entry.name, entry.models, limits))
         try:
-            if limits is not None:
+            if limits is not None and not unmetered(scope["path"]):
                 await limits.admit()
                 send = _with_headers(send, limits)
             await next_app(scope, receive, send)

@@ -1,4 +1,5 @@
-"""`GET /health`: the process answers. `GET /ready`: every model is loaded and its engine is running."""
+"""`GET /health`: the process answers (200 from the moment it serves, while models still load). `GET /ready`: every
+model is loaded and its engine is running, and no shutdown is under way (503 until then, and while draining)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,19 @@ async def health() -> dict[str, str]:
 
 @get("/ready", opt={"exclude_from_auth": True}, include_in_schema=False)
 async def ready(registry: NamedDependency[EngineRegistry]) -> Response[dict]:
-    models = {name: {"ready": engine.ready, **engine.stats()} for name, engine in registry}
+    models = {
+        name: {"ready": engine.ready, "load": registry.load_state(name), **engine.stats()} for name, engine in registry
+    }
     ok = registry.ready
-    return Response({"status": "ready" if ok else "loading", "models": models}, status_code=200 if ok else 503)
+    if ok:
+        status = "ready"
+    elif registry.draining:
+        status = "shutting down"
+    elif any(model["load"]["state"] == "failed" for model in models.values()):
+        status = "failed"
+    else:
+        status = "loading"
+    return Response({"status": status, "models": models}, status_code=200 if ok else 503)
 
 
 class HealthPlugin(InitPlugin):

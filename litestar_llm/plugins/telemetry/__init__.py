@@ -117,7 +117,8 @@ class TelemetryPlugin(InitPlugin):
 
         @get("/metrics", include_in_schema=False, sync_to_thread=False)
         def metrics() -> Response[bytes]:
-            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+            # As a header: given as media_type, Litestar would add a second "; charset=utf-8" to this text/ type.
+            return Response(generate_latest(registry), headers={"content-type": CONTENT_TYPE_LATEST})
 
         return metrics
 
