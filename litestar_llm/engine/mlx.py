@@ -41,7 +41,9 @@ import msgspec
 from litestar_llm.config import MLXBackendConfig, ModelConfig
 from litestar_llm.engine.base import Engine, ModelInfo
 from litestar_llm.engine.files import folder_files, parameter_count
+from litestar_llm.engine.mlx_output import OutputParsers, OutputSplitter
 from litestar_llm.engine.stops import StopStringMatcher
+from litestar_llm.engine.template import template_messages
 from litestar_llm.engine.types import Delta, GenerationRequest, TokenLogprob, TopLogprob, Usage
 from litestar_llm.errors import (
     EngineUnavailableError,
@@ -154,6 +156,7 @@ class _Sequence:
     """One request's state, shared between the event loop (queue, cancelled) and the generation thread (the rest)."""
 
     __slots__ = (
+        "cached",
         "cancelled",
         "completion_tokens",
         "detokenizer",
@@ -184,6 +187,7 @@ class _Sequence:
         """The sampler and logits processors BatchGenerator calls for this row: a fault in one fails the row."""
         self.stops = StopStringMatcher(request.sampling.stop)
         self.completion_tokens = 0
+        self.cached = 0
         self.submitted = 0.0
         self.prompt_started = 0.0
         self.first_token = 0.0
@@ -214,6 +218,7 @@ class MLXEngine(Engine):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._model: Any = None
         self._tokenizer: Any = None
+        self._parsers: OutputParsers | None = None
         self._state = "loading"
         """loading, ready, failed (down: restarting after a back-off, or given up), stopped."""
         self._error: str | None = None
@@ -293,7 +298,7 @@ class MLXEngine(Engine):
             )
         self._admitted += 1
         try:
-            sequence = await asyncio.to_thread(self._prepare, request, fault)
+            sequence, splitter, answer_stops = await asyncio.to_thread(self._prepare_split, request, fault)
             sequence.submitted = time.perf_counter()
             self._inbox.put((_SUBMIT, sequence))
         except BaseException:
@@ -304,6 +309,11 @@ class MLXEngine(Engine):
                 item = await sequence.queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                if splitter is not None:
+                    item = splitter.split(item)
+                    if answer_stops is not None and self._stop_answer(item, answer_stops, sequence, splitter):
+                        yield item
+                        return  # the thread still runs it: `finally` cancels it
                 yield item
                 if item.finish_reason is not None:
                     return
@@ -311,6 +321,32 @@ class MLXEngine(Engine):
             if not sequence.finished:
                 sequence.cancelled = True
                 self._inbox.put((_CANCEL, sequence))
+
+    def _prepare_split(
+        self, request: GenerationRequest, fault: str | None
+    ) -> tuple[_Sequence, OutputSplitter | None, StopStringMatcher | None]:
+        """The sequence, and for a model that thinks or calls tools the splitter of its output. Stop strings then
+        apply to the answer alone, after splitting, so the thread's own matcher gets none."""
+        sequence = self._prepare(request, fault)
+        splitter = self._parsers.splitter(request, sequence.prompt) if self._parsers is not None else None
+        if splitter is None or not request.sampling.stop:
+            return sequence, splitter, None
+        answer_stops, sequence.stops = sequence.stops, StopStringMatcher([])
+        return sequence, splitter, answer_stops
+
+    def _stop_answer(
+        self, delta: Delta, stops: StopStringMatcher, sequence: _Sequence, splitter: OutputSplitter
+    ) -> bool:
+        """Stop strings on the answer text; True when one ended it here (the delta then ends the sequence)."""
+        text = stops.feed(delta.text)
+        if not stops.stopped:
+            delta.text = text + (stops.flush() if delta.finish_reason is not None else "")
+            return False
+        delta.text, delta.tool_calls = text, None
+        delta.finish_reason, delta.stop_sequence = "stop", stops.matched
+        delta.usage = self._usage(sequence, time.perf_counter())
+        delta.usage.reasoning_tokens = splitter.reasoning_tokens
+        return True
 
     def _unavailable(self) -> EngineUnavailableError:
         name = self.info.name
@@ -356,10 +392,12 @@ class MLXEngine(Engine):
 
     def _encode(self, request: GenerationRequest) -> list[int]:
         if request.messages is not None:
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
             try:
                 ids = self._tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=request.add_generation_prompt, tokenize=True
+                    template_messages(request.messages),
+                    add_generation_prompt=request.add_generation_prompt,
+                    tokenize=True,
+                    **request.template_kwargs(),
                 )
             except Exception as exc:  # the template rejected the conversation (roles, order)
                 raise InvalidRequestError(f"the chat template rejected the messages: {exc}", "messages") from None
@@ -431,8 +469,10 @@ class MLXEngine(Engine):
                 reason = f"not a local folder, and not loadable from the Hugging Face hub or its cache ({reason})"
             raise ModelLoadError(self.info.name, source, reason) from None
         self._model, self._tokenizer = model, tokenizer
+        self._parsers = OutputParsers(tokenizer)
         try:
             self.info = _model_info(self.info, config, tokenizer, Path(source))
+            self.info.tools, self.info.thinking = self._parsers.tools, self._parsers.thinking
         except Exception as exc:
             raise ModelLoadError(self.info.name, source, f"cannot read the model's files: {exc}") from None
 
@@ -578,6 +618,7 @@ class MLXEngine(Engine):
         )
         sequence.uid, sequence.detokenizer, sequence.guards = uid, detokenizer, (sampler, *processors)
         self._active[uid] = sequence
+        sequence.cached = cached
         self._counters["prompt_tokens"] += len(sequence.prompt)
         self._counters["cached_prompt_tokens"] += cached
 
@@ -718,6 +759,7 @@ class MLXEngine(Engine):
         return Usage(
             prompt_tokens=len(sequence.prompt),
             completion_tokens=sequence.completion_tokens,
+            cached_prompt_tokens=sequence.cached,
             queue_s=started - sequence.submitted,
             prompt_s=sequence.first_token - started,
             decode_s=now - sequence.first_token,
