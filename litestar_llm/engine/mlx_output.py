@@ -48,12 +48,28 @@ class OutputSplitter:
     """One sequence's position in the state machine; `split` turns a delta's raw text into answer text, thinking
     and finished tool calls."""
 
-    __slots__ = ("_calls", "_parser", "_state", "_tool_text", "_tools", "called", "reasoning_tokens")
+    __slots__ = (
+        "_answering",
+        "_blank",
+        "_calls",
+        "_parser",
+        "_rblank",
+        "_reasoned",
+        "_state",
+        "_tool_text",
+        "_tools",
+        "called",
+        "reasoning_tokens",
+    )
 
     def __init__(self, state: Any, parser: Any, tools: list[dict] | None) -> None:
         self._state, self._parser, self._tools = state, parser, tools
         self._tool_text: list[str] = []
         self._calls = 0
+        self._answering = False
+        self._reasoned = False
+        self._rblank = ""
+        self._blank = ""  # whitespace after a marker, held until the answer really starts
         self.called = False
         self.reasoning_tokens = 0
         """Tokens spent thinking: a token is one delta on MLX, counted when it added only thinking (or a
@@ -67,13 +83,14 @@ class OutputSplitter:
         text, reasoning, calls = [], [], []
         for state, piece in segments:
             if state == "reasoning":
-                reasoning.append(piece)
+                reasoning.append(self._thought(piece))
             elif state == "tool":
                 self._tool_text.append(piece)
+                self._answering, self._blank = False, ""  # the blank line before a call is not answer text
             else:
-                if self._tool_text and state != "tool":
+                if self._tool_text:
                     calls.extend(self._finish_call())
-                text.append(piece)
+                text.append(self._answer(piece))
         if delta.finish_reason is not None and self._tool_text:
             calls.extend(self._finish_call())  # a call cut off by max_tokens or the end of the sequence
         delta.text, delta.reasoning = "".join(text), "".join(reasoning)
@@ -87,6 +104,28 @@ class OutputSplitter:
         if delta.finish_reason == "stop" and self.called:
             delta.finish_reason = "tool_calls"
         return delta
+
+    def _thought(self, piece: str) -> str:
+        """Thinking text, less the newlines around it inside `<think>` ... `</think>`: trailing whitespace is held
+        until more thinking follows, and dropped when the thinking ends."""
+        held = self._rblank + piece
+        if not self._reasoned:
+            held = held.lstrip()
+            self._reasoned = bool(held)
+        body = held.rstrip()
+        self._rblank = held[len(body) :]
+        return body
+
+    def _answer(self, piece: str) -> str:
+        """Answer text, less the blank lines templates put after `</think>` and between calls."""
+        if self._answering:
+            return piece
+        held = self._blank + piece
+        if not held.strip():
+            self._blank = held
+            return ""
+        self._answering, self._blank = True, ""
+        return held.lstrip()
 
     def _finish_call(self) -> list[ToolCallDelta]:
         source, self._tool_text = "".join(self._tool_text), []
