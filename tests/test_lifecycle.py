@@ -134,10 +134,28 @@ def fake_toml(upstream: FakeUpstream, server: str = "") -> str:
     return f'[server]\n{server}\n[backends.fake]\nkind = "openai"\nurls = ["{upstream.url}"]\n{models}'
 
 
-def start_group_server(tmp_path: Path, toml: str, env: dict[str, str] | None = None) -> GroupServer:
-    config = tmp_path / "server.toml"
-    config.write_text(toml)
-    return GroupServer(config, free_port(), env).wait_ready()
+@pytest.fixture
+def start_group_server(tmp_path: Path) -> Iterator:
+    """Start a `GroupServer` from a server.toml text; each one is stopped (its whole group) when the test ends."""
+    servers: list[GroupServer] = []
+
+    def start(toml: str, env: dict[str, str] | None = None) -> GroupServer:
+        config = tmp_path / f"server{len(servers)}.toml"
+        config.write_text(toml)
+        server = GroupServer(config, free_port(), env)
+        servers.append(server)
+        return server.wait_ready()
+
+    yield start
+    for server in servers:
+        if server.process.poll() is None:
+            server.process.send_signal(signal.SIGTERM)
+            try:
+                server.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.process.pid, signal.SIGKILL)
+                server.process.wait()
+        server._log_file.close()
 
 
 class StreamReader(threading.Thread):
@@ -260,8 +278,8 @@ def test_sigterm_drains_in_flight_streams_and_exits_0(start_server, tiny_model) 
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_ctrl_c_twice_ends_the_streams_and_exits_at_once(upstream, tmp_path, workers: int) -> None:
-    server = start_group_server(tmp_path, fake_toml(upstream, f"drain_timeout_s = 600\nworkers = {workers}"))
+def test_ctrl_c_twice_ends_the_streams_and_exits_at_once(upstream, tmp_path, start_group_server, workers: int) -> None:
+    server = start_group_server(fake_toml(upstream, f"drain_timeout_s = 600\nworkers = {workers}"))
     wait_for(lambda: "Listening at" in server.log.read_text(), 60, "the banner")  # every worker has started
     reader = StreamReader(server.url, {"model": "slow", "prompt": "a", "stream": True})  # streams until stopped
     reader.start()
@@ -281,9 +299,9 @@ def test_ctrl_c_twice_ends_the_streams_and_exits_at_once(upstream, tmp_path, wor
     assert "ending 1 generation in flight" in log and "Traceback" not in log
 
 
-def test_sigterm_with_a_stuck_stream_exits_after_drain_timeout(upstream, tmp_path) -> None:
+def test_sigterm_with_a_stuck_stream_exits_after_drain_timeout(upstream, tmp_path, start_group_server) -> None:
     drain = 3
-    server = start_group_server(tmp_path, fake_toml(upstream, f"drain_timeout_s = {drain}"))
+    server = start_group_server(fake_toml(upstream, f"drain_timeout_s = {drain}"))
     reader = StreamReader(server.url, {"model": "stuck", "prompt": "a", "stream": True})  # one chunk, then nothing
     reader.start()
     assert reader.started.wait(60) and reader.error is None
@@ -306,14 +324,14 @@ def test_sigterm_with_a_stuck_stream_exits_after_drain_timeout(upstream, tmp_pat
 # -- clients ------------------------------------------------------------------------------------------------------
 
 
-def test_a_thousand_trickling_bodies_do_not_lock_out_other_clients(upstream, tmp_path) -> None:
+def test_a_thousand_trickling_bodies_do_not_lock_out_other_clients(upstream, tmp_path, start_group_server) -> None:
     count = 1100  # more than granian's default backpressure (1024 connections per worker)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < count + 200:
         if hard != resource.RLIM_INFINITY and hard < count + 200:
             pytest.skip(f"open files are limited to {hard}")
         resource.setrlimit(resource.RLIMIT_NOFILE, (count + 200, hard))
-    server = start_group_server(tmp_path, fake_toml(upstream))
+    server = start_group_server(fake_toml(upstream))
     head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: 1000\r\n\r\n")  # fmt: skip
     sockets: list[socket.socket] = []
@@ -332,8 +350,8 @@ def test_a_thousand_trickling_bodies_do_not_lock_out_other_clients(upstream, tmp
             s.close()
 
 
-def test_a_body_that_does_not_arrive_in_time_answers_408(upstream, tmp_path) -> None:
-    server = start_group_server(tmp_path, fake_toml(upstream, "body_read_timeout_s = 1"))
+def test_a_body_that_does_not_arrive_in_time_answers_408(upstream, tmp_path, start_group_server) -> None:
+    server = start_group_server(fake_toml(upstream, "body_read_timeout_s = 1"))
     with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 100\r\n\r\n{\"model\": ")  # fmt: skip
@@ -347,10 +365,10 @@ def test_a_body_that_does_not_arrive_in_time_answers_408(upstream, tmp_path) -> 
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
-def test_a_client_that_leaves_is_logged_and_audited_as_499(upstream, tmp_path) -> None:
+def test_a_client_that_leaves_is_logged_and_audited_as_499(upstream, tmp_path, start_group_server) -> None:
     audit = tmp_path / "audit.jsonl"
     toml = fake_toml(upstream, 'plugins = ["plugins.audit:AuditPlugin"]')
-    server = start_group_server(tmp_path, toml, env={"PYTHONPATH": str(ROOT), "AUDIT_LOG_FILE": str(audit)})
+    server = start_group_server(toml, env={"PYTHONPATH": str(ROOT), "AUDIT_LOG_FILE": str(audit)})
     # streamed: read the first chunk, then hang up
     with httpx.stream("POST", f"{server.url}/v1/completions", json={"model": "slow", "prompt": "a", "stream": True},
                       timeout=60) as response:  # fmt: skip
