@@ -231,6 +231,14 @@ class ModelConfig(Section):
     upstream knows."""
     aliases: list[str] = []
     defaults: SamplingDefaults = msgspec.field(default_factory=SamplingDefaults)
+    tool_parser: str | None = None
+    """vllm backend: which of vLLM's tool-call parsers (`--tool-call-parser`: hermes, qwen3_coder, llama3_json,
+    mistral, ...) turns the model's call markup into tool calls. Omitted: detected from the chat template (a
+    template with `<tool_call>` gets hermes); "" turns tool calling off. Checked when the model loads."""
+    reasoning_parser: str | None = None
+    """vllm backend: which of vLLM's reasoning parsers (`--reasoning-parser`: qwen3, deepseek_r1, ...) separates
+    the model's thinking from its answer. Omitted: detected from the chat template (`<think>` gets qwen3 where the
+    template has an enable_thinking switch, else deepseek_r1); "" turns it off. Checked when the model loads."""
 
 
 class Settings(Section):

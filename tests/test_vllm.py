@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import httpx
@@ -32,7 +33,9 @@ HELLO = [{"role": "user", "content": "Tell me about JSON."}]
 PROMPT = "The meaning of"
 ENGINE_ARGS = {"max_model_len": 1024, "enforce_eager": True}  # eager: no torch.compile warm-up, a faster start
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
-START_TIMEOUT = 360
+START_TIMEOUT = 600
+# An engine start (a minute alone on 2 cores) can take many under load: the first test's setup pays for it.
+pytestmark = pytest.mark.timeout(START_TIMEOUT + 300)
 
 REFERENCE = """
 import json, sys
@@ -292,6 +295,55 @@ def test_same_greedy_text_as_vllms_own_llm(client: openai.OpenAI, reference) -> 
     assert completion.usage.completion_tokens == len(expected["completion_ids"])
     chat = greedy_chat(client, max_tokens=24)
     assert chat.choices[0].message.content == expected["chat"]
+
+
+BAD_SAMPLING = [
+    ("top_k beyond the vocabulary", {"top_k": 2049}, "top_k"),
+    ("top_k 2**63", {"top_k": 2**63}, "top_k"),
+    ("seed -1", {"seed": -1, "temperature": 1}, "seed"),
+    ("seed 2**63", {"seed": 2**63, "temperature": 1}, "seed"),
+    ("seed 2**64", {"seed": 2**64, "temperature": 1}, "seed"),
+    ("min_p 1.5", {"min_p": 1.5}, "min_p"),
+    ("min_p -0.5", {"min_p": -0.5}, "min_p"),
+    ("repetition_penalty -1", {"repetition_penalty": -1}, "repetition_penalty"),
+    ("logprobs 100000", {"logprobs": 100000}, "logprobs"),
+    ("50,000 stop strings", {"stop": [f"zz{i}qq" for i in range(50_000)]}, "stop"),
+]
+
+
+@pytest.mark.parametrize(("case", "fields", "param"), BAD_SAMPLING, ids=[c[0] for c in BAD_SAMPLING])
+def test_bad_sampling_is_a_4xx_and_the_engine_lives(vllm_server: Server, case: str, fields: dict, param: str) -> None:
+    """Each is refused (by this server's checks, the engine's own, or vLLM's SamplingParams), never a 500, while a
+    stream that runs meanwhile finishes untouched; the model serves the next request."""
+    url = f"{vllm_server.url}/v1/completions"
+    streamed: dict = {}
+
+    def stream() -> None:
+        body = {
+            "model": "tiny",
+            "prompt": PROMPT,
+            "max_tokens": 120,
+            "temperature": 1.0,
+            "seed": 5,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        with httpx.stream("POST", url, json=body, timeout=120) as response:
+            streamed["lines"] = [line for line in response.iter_lines() if line.startswith("data: {")]
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    response = httpx.post(url, json={"model": "tiny", "prompt": PROMPT, "max_tokens": 8, **fields}, timeout=120)
+    thread.join(120)
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:500])
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"], error
+    chunks = [json.loads(line.removeprefix("data: ")) for line in streamed["lines"]]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 120
+    again = httpx.post(url, json={"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}, timeout=120)
+    assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 8
+    assert vllm_server.stats()["ready"] is True
 
 
 def test_misspelt_engine_arg_is_a_config_error(tiny_model: Path, tmp_path: Path) -> None:

@@ -3,12 +3,20 @@
 `AsyncLLM` runs vLLM's scheduler and model workers in its own child processes (EngineCore, workers) and
 talks to them over ZMQ; this side only tokenizes, submits and reads `RequestOutput` deltas on the event loop.
 `[backends.<name>.engine_args]` goes to `AsyncEngineArgs` as it is (checked against its fields in config.py).
+
+Tool calls and thinking are vLLM's own parsers (`[[models]] tool_parser` / `reasoning_parser`, or detected from
+the chat template), driven as vLLM's chat endpoint drives them: one parser per sequence, built for a minimal
+`ChatCompletionRequest`; its `adjust_request` sets the structured output that forces a call for
+`tool_choice: "required"` or a named function, and `parse_delta` splits each delta into answer text, thinking
+and tool-call fragments.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import difflib
+import json
 import logging
 import os
 import re
@@ -25,7 +33,17 @@ import msgspec
 from litestar_llm.config import ModelConfig, VLLMBackendConfig
 from litestar_llm.engine.base import Engine, ModelInfo
 from litestar_llm.engine.files import folder_files, parameter_count
-from litestar_llm.engine.types import Delta, FinishReason, GenerationRequest, TokenLogprob, TopLogprob, Usage
+from litestar_llm.engine.types import (
+    ChatMessage,
+    Delta,
+    FinishReason,
+    GenerationRequest,
+    NamedToolChoice,
+    TokenLogprob,
+    ToolCallDelta,
+    TopLogprob,
+    Usage,
+)
 from litestar_llm.errors import EngineUnavailableError, InvalidRequestError, MissingDependencyError, ModelLoadError
 
 try:
@@ -45,6 +63,13 @@ except ImportError:  # pragma: no cover - older vLLM
 logger = logging.getLogger(__name__)
 
 _FINISH: dict[str | None, FinishReason | None] = {"stop": "stop", "length": "length", "abort": "cancelled", None: None}
+
+MAX_SEED = 2**63 - 1
+"""vLLM's GPU model runner keeps seeds as int64: a larger one fails inside the engine process. Beyond 2**64 (or
+below -2**63) the request fails on its way to the engine (a 500); -1 means "no seed" to vLLM."""
+MAX_STOPS = 1024
+"""Stop strings are matched in this process on every token: 50,000 of them slow every other stream 5x."""
+MAX_STOP_CHARS = 65536
 
 
 class _SchedulerStats:
@@ -78,12 +103,18 @@ class VLLMEngine(Engine):
         self.backend = backend
         self.backend_name = backend_name
         self.info = ModelInfo(
-            name=model.name, backend="vllm", source=model.source, created=int(time.time()), structured_output=True
+            name=model.name,
+            backend="vllm",
+            source=model.source,
+            created=int(time.time()),
+            structured_output=True,
+            max_seed=MAX_SEED,
         )
         self._llm: Any = None
         self._tokenizer: Any = None
         self._vocab_size = 0
         self._alive = False
+        self._parsers = _Parsers()
         self._scheduler: dict[str, Any] = {"running": 0, "waiting": 0, "kv_cache_usage": 0.0}
         self._counters = {"requests": 0, "in_flight": 0, "prompt_tokens": 0, "generated_tokens": 0}
 
@@ -91,6 +122,9 @@ class VLLMEngine(Engine):
 
     async def start(self) -> None:
         source = self.config.source
+        # The parser names first: a misspelt one stops start-up at once, and the engine process must know the
+        # reasoning parser (structured output, such as a forced tool call, starts after the thinking).
+        self._parsers = await asyncio.to_thread(_Parsers.choose, self.config, self.backend.engine_args)
         try:
             # Loading takes a while (child processes, weights, warm-up); keep the event loop free meanwhile.
             self._llm = await asyncio.to_thread(self._construct)
@@ -105,14 +139,32 @@ class VLLMEngine(Engine):
         self._tokenizer = self._llm.get_tokenizer()
         model_config = self._llm.model_config
         self._vocab_size = model_config.get_vocab_size()
+        self.info = msgspec.structs.replace(
+            self.info,
+            vocab_size=self._vocab_size,
+            tools=self._parsers.tool is not None,
+            thinking=self._parsers.reasoning is not None,
+        )
         try:
             self.info = await asyncio.to_thread(_model_info, self.info, model_config, self._tokenizer, Path(source))
         except Exception as exc:
             logger.warning("cannot read the facts of %s from its files: %s", self.info.name, exc)
+        if self._parsers.tool or self._parsers.reasoning:
+            logger.info(
+                "model %s: tool parser %s, reasoning parser %s",
+                self.info.name,
+                self._parsers.tool or "none",
+                self._parsers.reasoning or "none",
+            )
         self._alive = True
 
     def _construct(self) -> Any:
-        args = AsyncEngineArgs(model=self.config.source, **self.backend.engine_args)
+        engine_args = dict(self.backend.engine_args)
+        if self._parsers.reasoning is not None:
+            engine_args["reasoning_parser"] = self._parsers.reasoning
+        elif getattr(self.config, "reasoning_parser", None) == "":
+            engine_args.pop("reasoning_parser", None)
+        args = AsyncEngineArgs(model=self.config.source, **engine_args)
         stat_loggers = [_SchedulerStats(self._scheduler)]
         with _STARTING, _ChildOutput() as child_output:
             try:
@@ -153,13 +205,15 @@ class VLLMEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         if not self.ready:
             raise EngineUnavailableError(f"model '{self.info.name}' is not loaded")
-        prompt = await asyncio.to_thread(self._encode, request)
-        params = self._sampling_params(request, len(prompt))
+        self._check_sampling(request)
+        prompt, parsing = await asyncio.to_thread(self._prepare, request)
+        params = self._sampling_params(request, len(prompt), parsing)
         engine_input = await self._engine_input(prompt)
         request_id = f"{self.info.name}-{uuid.uuid4().hex}"
         sampling = request.sampling
-        outputs = self._llm.generate(engine_input, params, request_id)
-        completion = 0
+        engine_kwargs = parsing.engine_kwargs(prompt) if parsing is not None else {}
+        outputs = self._llm.generate(engine_input, params, request_id, **engine_kwargs)
+        completion: list[int] = []
         self._counters["requests"] += 1
         self._counters["in_flight"] += 1
         self._counters["prompt_tokens"] += len(prompt)
@@ -167,16 +221,22 @@ class VLLMEngine(Engine):
             async for out in outputs:
                 output = out.outputs[0]
                 token_ids = list(output.token_ids)
-                completion += len(token_ids)
+                completion += token_ids
                 self._counters["generated_tokens"] += len(token_ids)
                 if out.finished and output.finish_reason == "error":
                     raise EngineUnavailableError(f"model '{self.info.name}': vLLM failed this generation")
                 finish = _FINISH.get(output.finish_reason, "stop") if out.finished else None
                 delta = Delta(text=output.text, token_ids=token_ids, finish_reason=finish)
+                if parsing is not None:
+                    parsing.split(delta, prompt, out.finished)
                 if sampling.logprobs is not None and output.logprobs is not None:
                     delta.logprobs = self._logprobs(token_ids, output.logprobs, sampling.logprobs)
                 if out.finished:
-                    delta.usage = _usage(len(prompt), completion, out.metrics)
+                    if isinstance(output.stop_reason, str):  # a stop string, not the end-of-sequence token
+                        delta.stop_sequence = output.stop_reason
+                    delta.usage = _usage(len(prompt), len(completion), out.metrics)
+                    if parsing is not None:
+                        delta.usage.reasoning_tokens = parsing.reasoning_tokens(completion)
                 yield delta
                 if out.finished:
                     return
@@ -185,23 +245,23 @@ class VLLMEngine(Engine):
             self._alive = False
             raise EngineUnavailableError(f"model '{self.info.name}' stopped: {_one_line(exc)}") from None
         except VLLMValidationError as exc:
-            raise InvalidRequestError(_one_line(exc)) from None
+            raise _invalid(exc) from None
         finally:
             self._counters["in_flight"] -= 1
             # Closing vLLM's generator early (client gone) aborts the request in the engine.
             await outputs.aclose()
 
+    def _prepare(self, request: GenerationRequest) -> tuple[list[int], _Parsing | None]:
+        """The prompt's tokens and, for a chat request on a model with parsers, the sequence's parsing."""
+        parsing = None
+        if request.messages is not None:
+            parsing = self._parsers.for_request(request, self._tokenizer, self._llm.model_config, self.info.name)
+        return self._encode(request), parsing
+
     def _encode(self, request: GenerationRequest) -> list[int]:
         tokenizer = self._tokenizer
         if request.messages is not None:
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            try:
-                # As vLLM's own chat endpoint does: render the template to text, then tokenize it as it is.
-                text = tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=request.add_generation_prompt, tokenize=False
-                )
-            except Exception as exc:  # the template rejected the conversation (roles, order)
-                raise InvalidRequestError(f"the chat template rejected the messages: {exc}", "messages") from None
+            text = self._render(request)
             ids = list(tokenizer.encode(text, add_special_tokens=False))
         elif isinstance(request.prompt, list):
             if any(not 0 <= t < self._vocab_size for t in request.prompt):
@@ -221,7 +281,50 @@ class VLLMEngine(Engine):
             )
         return ids
 
-    def _sampling_params(self, request: GenerationRequest, prompt_tokens: int) -> Any:
+    def _render(self, request: GenerationRequest) -> str:
+        """The chat template rendered to text, as vLLM's chat endpoint does it (then tokenized as it is): the
+        offered tools, the thinking switches and the client's chat_template_kwargs go to the template."""
+        assert request.messages is not None
+        if request.offered_tools and self._parsers.tool is None:
+            raise InvalidRequestError(
+                f"model '{self.info.name}' does not take tools: vLLM has no tool parser for it (set tool_parser in "
+                "its [[models]] entry)",
+                "tools",
+            )
+        kwargs = dict(request.template_kwargs())
+        tools = kwargs.pop("tools", None)
+        if reserved := {"chat_template", "tokenize"} & kwargs.keys():
+            raise InvalidRequestError(
+                f"chat_template_kwargs may not set {', '.join(sorted(reserved))}", "chat_template_kwargs"
+            )
+        for name in ("add_generation_prompt", "conversation", "messages"):
+            kwargs.pop(name, None)
+        messages = [_template_message(m) for m in request.messages]
+        try:
+            return self._tokenizer.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=request.add_generation_prompt, tokenize=False, **kwargs
+            )
+        except Exception as exc:  # the template rejected the conversation (roles, order)
+            raise InvalidRequestError(f"the chat template rejected the messages: {exc}", "messages") from None
+
+    def _check_sampling(self, request: GenerationRequest) -> None:
+        """What vLLM itself would let through and then fail on: a seed or top_k beyond what its engine process
+        takes (a 500, or on the GPU model runner a dead engine), and stop lists so long that matching them on
+        every token stalls every other stream. The rest vLLM's own SamplingParams refuse cleanly."""
+        s = request.sampling
+        if s.seed is not None and not 0 <= s.seed <= MAX_SEED:
+            raise InvalidRequestError(f"seed must be in [0, {MAX_SEED}], got {s.seed}", "seed")
+        if self._vocab_size and s.top_k > self._vocab_size:
+            raise InvalidRequestError(
+                f"top_k must be at most the vocabulary size ({self._vocab_size}; 0 keeps every token), got {s.top_k}",
+                "top_k",
+            )
+        if len(s.stop) > MAX_STOPS:
+            raise InvalidRequestError(f"at most {MAX_STOPS} stop strings, got {len(s.stop)}", "stop")
+        if sum(len(stop) for stop in s.stop) > MAX_STOP_CHARS:
+            raise InvalidRequestError(f"the stop strings may have {MAX_STOP_CHARS} characters in all", "stop")
+
+    def _sampling_params(self, request: GenerationRequest, prompt_tokens: int, parsing: _Parsing | None) -> Any:
         s = request.sampling
         context = self.info.context_length or 0
         room = context - prompt_tokens if context else None
@@ -231,11 +334,13 @@ class VLLMEngine(Engine):
                 f"max_tokens asks for {s.max_tokens} more.",
                 param="max_tokens",
             )
-        structured = None
-        if s.json_schema is not None:
-            structured = StructuredOutputsParams(json=s.json_schema)
-        elif s.json_object:
-            structured = StructuredOutputsParams(json_object=True)
+        structured = _structured_outputs(s)
+        extra: dict[str, Any] = {}
+        if parsing is not None:
+            structured = parsing.structured_outputs
+            extra["skip_special_tokens"] = parsing.skip_special_tokens
+            if parsing.thinking_budget is not None:
+                extra["thinking_token_budget"] = parsing.thinking_budget
         try:
             return VLLMSamplingParams(
                 temperature=s.temperature,
@@ -251,9 +356,10 @@ class VLLMEngine(Engine):
                 repetition_penalty=s.repetition_penalty if s.repetition_penalty is not None else 1.0,
                 structured_outputs=structured,
                 output_kind=RequestOutputKind.DELTA,
+                **extra,
             )
-        except (VLLMValidationError, ValueError) as exc:
-            raise InvalidRequestError(_one_line(exc)) from None
+        except (VLLMValidationError, ValueError, TypeError, OverflowError) as exc:
+            raise _invalid(exc) from None
 
     async def _engine_input(self, prompt: list[int]) -> Any:
         """The tokens as vLLM's renderer prepares them (the path `AsyncLLM.generate` asks callers to take)."""
@@ -264,7 +370,7 @@ class VLLMEngine(Engine):
         try:
             (engine_input,) = await renderer.render_cmpl_async([tokens])
         except (VLLMValidationError, ValueError) as exc:
-            raise InvalidRequestError(_one_line(exc)) from None
+            raise _invalid(exc) from None
         return engine_input
 
     def _logprobs(self, token_ids: list[int], positions: Any, top: int) -> list[TokenLogprob]:
@@ -295,6 +401,354 @@ class VLLMEngine(Engine):
         if logprob is not None and logprob.decoded_token is not None:
             return logprob.decoded_token
         return self._tokenizer.decode([token])
+
+
+# -- tools and thinking: vLLM's parsers ---------------------------------------------------------------------
+
+
+def _detect_tool_parser(template: str) -> str | None:
+    """A default from the chat template: `<tool_call>` JSON calls (Hermes, Qwen2.5, Qwen3) are hermes; the same
+    tags around `<function=...>` XML (Qwen3-Coder) are qwen3_coder."""
+    if "<tool_call>" not in template:
+        return None
+    return "qwen3_coder" if "<function=" in template else "hermes"
+
+
+def _detect_reasoning_parser(template: str) -> str | None:
+    """A default from the chat template: `<think>` with an enable_thinking switch is Qwen3's way (qwen3);
+    without one, DeepSeek-R1's (deepseek_r1)."""
+    if "<think>" not in template and "</think>" not in template:
+        return None
+    return "qwen3" if "enable_thinking" in template else "deepseek_r1"
+
+
+def _registered(kind: str) -> list[str]:
+    if kind == "tool_parser":
+        from vllm.tool_parsers import ToolParserManager
+
+        return ToolParserManager.list_registered()
+    from vllm.reasoning import ReasoningParserManager
+
+    return ReasoningParserManager.list_registered()
+
+
+class _Parsers:
+    """The parsers one model uses: their names, and vLLM's composed Parser class with and without thinking (a
+    request that switches thinking off gets no reasoning parsing)."""
+
+    def __init__(self, tool: str | None = None, reasoning: str | None = None) -> None:
+        self.tool = tool
+        self.reasoning = reasoning
+        self.with_thinking: Any = None
+        self.without_thinking: Any = None
+
+    @classmethod
+    def choose(cls, model: ModelConfig, engine_args: dict[str, Any]) -> _Parsers:
+        """Explicit names (checked against vLLM's registries, with close matches), else what the chat template
+        suggests; each checked against the tokenizer, as `vllm serve` does at start-up. A detected parser that
+        does not fit the tokenizer is left out with a warning; an explicit one stops start-up."""
+        wanted: dict[str, str | None] = {
+            "tool_parser": getattr(model, "tool_parser", None),
+            "reasoning_parser": getattr(model, "reasoning_parser", None),
+        }
+        if wanted["reasoning_parser"] is None and engine_args.get("reasoning_parser"):
+            wanted["reasoning_parser"] = engine_args["reasoning_parser"]
+        explicit = {kind: name is not None for kind, name in wanted.items()}
+        for kind, name in wanted.items():
+            if name:
+                known = _registered(kind)
+                if name not in known:
+                    close = difflib.get_close_matches(name, known, n=3)
+                    hint = f"did you mean {' or '.join(close)}?" if close else f"known: {', '.join(known)}"
+                    raise ModelLoadError(model.name, model.source, f"{kind} '{name}' is not one of vLLM's; {hint}")
+        if all(explicit.values()) and not any(wanted.values()):
+            return cls()
+        tokenizer = _probe_tokenizer(model.source, engine_args)
+        if tokenizer is None and not any(wanted.values()):  # the engine's own start will say why
+            return cls()
+        template = str(getattr(tokenizer, "chat_template", None) or "")
+        if not explicit["tool_parser"]:
+            wanted["tool_parser"] = _detect_tool_parser(template)
+        if not explicit["reasoning_parser"]:
+            wanted["reasoning_parser"] = _detect_reasoning_parser(template)
+        from vllm.parser import ParserManager
+
+        for kind, name in wanted.items():
+            if not name or tokenizer is None:
+                continue
+            try:
+                ParserManager.get_parser(
+                    tool_parser_name=name if kind == "tool_parser" else None,
+                    reasoning_parser_name=name if kind == "reasoning_parser" else None,
+                    enable_auto_tools=True,
+                    model_name=model.source,
+                    tokenizer=tokenizer,
+                )
+            except Exception as exc:
+                if explicit[kind]:
+                    raise ModelLoadError(model.name, model.source, f"{kind} '{name}': {_one_line(exc)}") from None
+                logger.warning(
+                    "model %s: not using the %s %s detected from its template: %s",
+                    model.name,
+                    kind,
+                    name,
+                    _one_line(exc),
+                )
+                wanted[kind] = None
+        parsers = cls(wanted["tool_parser"] or None, wanted["reasoning_parser"] or None)
+        if parsers.tool or parsers.reasoning:
+            parsers.with_thinking = ParserManager.get_parser(
+                tool_parser_name=parsers.tool,
+                reasoning_parser_name=parsers.reasoning,
+                enable_auto_tools=True,
+                model_name=model.source,
+            )
+            parsers.without_thinking = parsers.with_thinking
+            if parsers.reasoning:
+                parsers.without_thinking = ParserManager.get_parser(
+                    tool_parser_name=parsers.tool, enable_auto_tools=True, model_name=model.source
+                )
+        return parsers
+
+    def for_request(self, request: GenerationRequest, tokenizer: Any, model_config: Any, model: str) -> _Parsing | None:
+        """The sequence's parser and the minimal `ChatCompletionRequest` vLLM's parsers read (tools, tool_choice,
+        parallel_tool_calls, chat_template_kwargs, structured outputs, messages), adjusted by the parser as vLLM's
+        renderer adjusts it: for "required" or a named function that sets the JSON schema of the calls."""
+        parser_cls = self.with_thinking if request.thinking else self.without_thinking
+        if parser_cls is None:
+            return None
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        tools = request.offered_tools
+        choice = request.tool_choice
+        if isinstance(choice, NamedToolChoice) and not tools:
+            raise InvalidRequestError(
+                f"tool_choice names the function '{choice.name}', which is not in tools", "tool_choice"
+            )
+        if choice == "required" and not tools:
+            raise InvalidRequestError('tool_choice "required" needs tools', "tool_choice")
+        if not tools or self.tool is None:
+            tools, choice = [], "none"
+        kwargs = request.template_kwargs()
+        kwargs.pop("tools", None)
+        data: dict[str, Any] = {
+            "model": model,
+            "messages": [_openai_message(m) for m in request.messages or []],
+            "tool_choice": {"type": "function", "function": {"name": choice.name}}
+            if isinstance(choice, NamedToolChoice)
+            else choice,
+            "parallel_tool_calls": request.parallel_tool_calls,
+            "chat_template_kwargs": kwargs,
+            "include_reasoning": True,
+            "stream": True,
+            "structured_outputs": _structured_outputs(request.sampling),
+        }
+        if tools:
+            data["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": t.name,
+                        "description": t.description or "",
+                        "parameters": t.parameters,
+                        **({"strict": True} if t.strict else {}),
+                    },
+                }
+                for t in tools
+            ]
+        try:
+            chat = ChatCompletionRequest.model_validate(data)
+            parser = parser_cls(tokenizer, chat.tools, chat_template_kwargs=kwargs, model_config=model_config)
+            if parser.always_adjust_request or parser.reasoning_parser is not None or chat.tool_choice != "none":
+                chat = parser.adjust_request(chat)
+        except VLLMValidationError as exc:
+            raise _invalid(exc) from None
+        except ValueError as exc:  # pydantic's ValidationError, or a tool vLLM cannot build a schema for
+            raise InvalidRequestError(_one_line(exc), "tools" if tools else None) from None
+        return _Parsing(parser, chat, request, reasoning_configured=self.reasoning is not None)
+
+
+class _Parsing:
+    """One sequence's parser at work: turns each of vLLM's deltas into answer text, thinking and tool-call
+    fragments (ids and names on each call's first fragment, argument text after)."""
+
+    def __init__(self, parser: Any, chat: Any, request: GenerationRequest, *, reasoning_configured: bool) -> None:
+        self.parser = parser
+        self.chat = chat
+        self.structured_outputs = chat.extract_structured_outputs()
+        self.skip_special_tokens = chat.skip_special_tokens
+        self.thinking = parser.reasoning_parser is not None
+        self.thinking_budget = request.reasoning.budget_tokens if self.thinking else None
+        self._reasoning_configured = reasoning_configured
+        self._parallel = request.parallel_tool_calls
+        self._indices: dict[int, int] = {}
+        self._pending: dict[int, str] = {}
+        self.called = False
+
+    def engine_kwargs(self, prompt: list[int]) -> dict[str, Any]:
+        """`reasoning_ended` and `reasoning_parser_kwargs` for vLLM's engine, as its chat endpoint passes them: the
+        engine applies structured output only after the thinking; with thinking off, from the first token."""
+        if not self._reasoning_configured:
+            return {}
+        if not self.thinking:
+            return {"reasoning_ended": True}
+        return {
+            "reasoning_ended": self.chat.resolve_reasoning_ended(self.parser, prompt),
+            "reasoning_parser_kwargs": {"chat_template_kwargs": self.chat.chat_template_kwargs or {}},
+        }
+
+    def split(self, delta: Delta, prompt: list[int], finished: bool) -> None:
+        message = self.parser.parse_delta(
+            delta_text=delta.text,
+            delta_token_ids=delta.token_ids,
+            request=self.chat,
+            prompt_token_ids=prompt,
+            finished=finished,
+        )
+        delta.text = (message.content or "") if message is not None else ""
+        delta.reasoning = (message.reasoning or "") if message is not None else ""
+        calls = self._calls(message.tool_calls if message is not None else [])
+        if calls:
+            delta.tool_calls = calls
+            self.called = True
+        if delta.finish_reason == "stop" and self.called:
+            delta.finish_reason = "tool_calls"
+
+    def _calls(self, vllm_calls: list[Any]) -> list[ToolCallDelta]:
+        calls: list[ToolCallDelta] = []
+        for call in vllm_calls:
+            if self._parallel is False and call.index > 0:  # as vLLM does: the first call only
+                continue
+            name = call.function.name if call.function is not None else None
+            arguments = (call.function.arguments or "") if call.function is not None else ""
+            index = self._indices.get(call.index)
+            if index is None:
+                if not name:  # arguments before the name: held until the call can be announced
+                    self._pending[call.index] = self._pending.get(call.index, "") + arguments
+                    continue
+                index = self._indices[call.index] = len(self._indices)
+                arguments = self._pending.pop(call.index, "") + arguments
+                calls.append(
+                    ToolCallDelta(
+                        index=index, id=call.id or f"call_{uuid.uuid4().hex[:24]}", name=name, arguments=arguments
+                    )
+                )
+            elif arguments:
+                calls.append(ToolCallDelta(index=index, arguments=arguments))
+        return calls
+
+    def reasoning_tokens(self, token_ids: list[int]) -> int:
+        if not self.thinking:
+            return 0
+        try:
+            return int(self.parser.count_reasoning_tokens(tuple(token_ids)))
+        except Exception:  # pragma: no cover - a parser that cannot tell
+            return 0
+
+
+def _message_text(message: ChatMessage) -> str:
+    """Content parts joined as vLLM joins them for string-content templates."""
+    if isinstance(message.content, str):
+        return message.content
+    return "\n".join(part.text for part in message.content)
+
+
+def _template_message(message: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates take it (vLLM's conversation format): an assistant's calls with their
+    arguments as a dict (a malformed arguments text becomes {}, as vLLM does, so the conversation can go on), a
+    tool result with its call id and name, an assistant's thinking as reasoning / reasoning_content."""
+    result: dict[str, Any] = {"role": message.role, "content": _message_text(message)}
+    if message.role == "assistant":
+        if message.tool_calls:
+            result["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+                for c in message.tool_calls
+            ]
+        if message.reasoning is not None:
+            result["reasoning"] = result["reasoning_content"] = message.reasoning
+    if message.tool_call_id is not None:
+        result["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        result["name"] = message.name
+    return result
+
+
+def _openai_message(message: ChatMessage) -> dict[str, Any]:
+    """A message in OpenAI's shape (arguments as JSON text), for the request vLLM's parsers read."""
+    result: dict[str, Any] = {"role": message.role, "content": _message_text(message)}
+    if message.tool_calls:
+        result["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        result["tool_call_id"] = message.tool_call_id
+    if message.name is not None and message.role in ("user", "system", "developer", "tool"):
+        result["name"] = message.name
+    return result
+
+
+def _arguments(text: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _structured_outputs(s: Any) -> Any:
+    if s.json_schema is not None:
+        return StructuredOutputsParams(json=s.json_schema)
+    if s.json_object:
+        return StructuredOutputsParams(json_object=True)
+    return None
+
+
+def _probe_tokenizer(source: str, engine_args: dict[str, Any]) -> Any:
+    """The model's tokenizer as vLLM loads it, before the engine starts: for its chat template and to check the
+    parsers against it. None when it cannot be loaded (the engine's start then reports why)."""
+    try:
+        from vllm.tokenizers import get_tokenizer
+
+        return get_tokenizer(
+            engine_args.get("tokenizer") or source,
+            tokenizer_mode=engine_args.get("tokenizer_mode", "auto"),
+            trust_remote_code=bool(engine_args.get("trust_remote_code", False)),
+            revision=engine_args.get("tokenizer_revision") or engine_args.get("revision"),
+        )
+    except Exception as exc:
+        logger.debug("cannot load the tokenizer of %s ahead of the engine: %s", source, exc)
+        return None
+
+
+_PARAMS = frozenset(
+    (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "stop",
+        "max_tokens",
+        "logprobs",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "thinking_token_budget",
+    )
+)
+
+
+def _invalid(exc: BaseException) -> InvalidRequestError:
+    """vLLM's refusal as a 400 naming the field: its own `parameter` where it says, else the field its message
+    starts with (`min_p must be in [0, 1], got 1.5.`)."""
+    param = getattr(exc, "parameter", None)
+    message = str(exc.args[0]) if isinstance(exc, VLLMValidationError) and exc.args else _one_line(exc)
+    message = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
+    if param is None:
+        first = message.split(" ", 1)[0].strip("`:")
+        param = first if first in _PARAMS else None
+    return InvalidRequestError(message, param)
 
 
 _STARTING = threading.Lock()
