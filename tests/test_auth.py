@@ -192,17 +192,25 @@ def test_scopes_hide_models_from_listings_and_requests(deployment) -> None:
     assert bob.chat.completions.create(model="tiny2", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
 
 
+async def counted(client: httpx.AsyncClient, dialect: str) -> httpx.Response:
+    """A cheap request that counts against a key's request limit (listings and health do not): a stored-response
+    lookup (404) in OpenAI's dialect, a pull of a declared model in Ollama's."""
+    if dialect == "openai":
+        return await client.get("/v1/responses/resp_none")
+    return await client.post("/api/pull", json={"model": "tiny"})
+
+
 def test_burst_of_100_against_30_rpm_lets_exactly_30_through(deployment) -> None:
     server, _, _ = deployment
 
     async def burst() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=100)
         async with httpx.AsyncClient(base_url=server.url, headers=bearer("burst"), limits=limits, timeout=60) as c:
-            return await asyncio.gather(*(c.get("/v1/models" if i % 2 else "/api/tags") for i in range(100)))
+            return await asyncio.gather(*(counted(c, "openai" if i % 2 else "ollama") for i in range(100)))
 
     responses = asyncio.run(burst())
     statuses = [r.status_code for r in responses]
-    assert statuses.count(200) == 30 and statuses.count(429) == 70
+    assert statuses.count(429) == 70 and statuses.count(404) + statuses.count(200) == 30
     for response in responses:
         if response.status_code == 429:
             assert 1 <= int(response.headers["retry-after"]) <= 60
@@ -228,7 +236,7 @@ def test_headers_count_down_and_tokens_settle_to_real_usage(deployment, tokenize
     assert int(headers["x-ratelimit-remaining-tokens"]) == 1000 - (prompt + 40)  # the reservation
     assert RESET.match(headers["x-ratelimit-reset-requests"]) and RESET.match(headers["x-ratelimit-reset-tokens"])
     for remaining in ("3", "2"):
-        later = httpx.get(f"{server.url}/api/tags", headers=bearer("meter"))
+        later = httpx.post(f"{server.url}/api/pull", json={"model": "tiny"}, headers=bearer("meter"))
         assert later.status_code == 200 and later.headers["x-ratelimit-remaining-requests"] == remaining
         assert int(later.headers["x-ratelimit-remaining-tokens"]) == 1000 - usage["total_tokens"]  # settled
 
@@ -285,11 +293,12 @@ def test_retry_after_is_honest(redis_deployment) -> None:
     """Waiting exactly Retry-After seconds succeeds, for requests and for tokens (a minute: the window's length)."""
     server, _, _ = redis_deployment
     assert chat(server, "sip", max_tokens=60).status_code == 200
+    trickle = {"json": {"model": "tiny"}, "headers": bearer("trickle")}
     for _ in range(2):
-        assert httpx.get(f"{server.url}/v1/models", headers=bearer("trickle")).status_code == 200
+        assert httpx.post(f"{server.url}/api/pull", **trickle).status_code == 200
     waits = {}
     for name, attempt in (
-        ("trickle", lambda: httpx.get(f"{server.url}/v1/models", headers=bearer("trickle"))),
+        ("trickle", lambda: httpx.post(f"{server.url}/api/pull", **trickle)),
         ("sip", lambda: chat(server, "sip", max_tokens=60)),
     ):
         refused = attempt()
@@ -306,16 +315,18 @@ def test_redis_outage_fails_closed_then_recovers(redis_deployment, start_server,
     lenient = start_server(server_toml(tiny_model, redis_server.url, 1, bob_toml, fail_open=True), env=key_env())
     redis_server.stop()
     try:
-        down = httpx.get(f"{server.url}/v1/models", headers=bearer("meter"), timeout=10)
+        pull = {"json": {"model": "tiny"}, "headers": bearer("meter"), "timeout": 10}
+        down = httpx.get(f"{server.url}/v1/responses/resp_none", headers=bearer("meter"), timeout=10)
         assert down.status_code == 503 and "state store" in down.json()["error"]["message"]
-        ollama_down = httpx.get(f"{server.url}/api/tags", headers=bearer("meter"), timeout=10)
+        ollama_down = httpx.post(f"{server.url}/api/pull", **pull)
         assert ollama_down.status_code == 503 and "state store" in ollama_down.json()["error"]
         assert httpx.get(f"{server.url}/v1/models", headers=bearer("alice"), timeout=10).status_code == 200
-        assert httpx.get(f"{lenient.url}/v1/models", headers=bearer("meter"), timeout=10).status_code == 200
+        assert httpx.post(f"{lenient.url}/api/pull", **pull).status_code == 200
     finally:
         redis_server.start()
     deadline = time.monotonic() + 15
-    while (status := httpx.get(f"{server.url}/v1/models", headers=bearer("meter")).status_code) != 200:
+    pull = {"json": {"model": "tiny"}, "headers": bearer("meter")}
+    while (status := httpx.post(f"{server.url}/api/pull", **pull).status_code) != 200:
         assert status == 503 and time.monotonic() < deadline
         time.sleep(0.2)
 
