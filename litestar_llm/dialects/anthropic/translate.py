@@ -321,7 +321,7 @@ class Blocks:
         if not self.events:
             self._parts.append(text)
             return out
-        return out + self._head + _DELTA_KIND[kind] + _encode(text) + _DELTA_TAIL
+        return b"".join((out, self._head, _DELTA_KIND[kind], _encode(text), _DELTA_TAIL))
 
     def _fragment(self, fragment: ToolCallDelta) -> bytes:
         out = b"" if self._kind == fragment.index else self._close() + self._open(fragment.index, fragment)
@@ -330,7 +330,7 @@ class Blocks:
         if not self.events:
             self._parts.append(fragment.arguments)
             return out
-        return out + self._head + _JSON_DELTA + _encode(fragment.arguments) + _DELTA_TAIL
+        return b"".join((out, self._head, _JSON_DELTA, _encode(fragment.arguments), _DELTA_TAIL))
 
     def _open(self, kind: int, fragment: ToolCallDelta | None) -> bytes:
         index = self.count
