@@ -13,6 +13,10 @@
     # any running server:
     python benchmarks/serving.py --base-url http://127.0.0.1:8000/v1 --model tiny -c 16
 
+    # the cost of tools and thinking on MLX: the same load with and without `tools` (a model that calls tools and
+    # thinks, e.g. the test model of examples/make_agent_model.py), alternating rounds on one server:
+    python benchmarks/serving.py --model-path models/agent --ours --tools -c 16 --rounds 5
+
 Each run sends N chat requests (N = max(8 x C, 32) unless -n is given) with at most C in flight, every request streaming
 `--max-tokens` tokens at temperature 0. It prints requests/s, output tokens/s, and TTFT and inter-token latency
 p50/p99. Output tokens are counted from the stream's usage (or its content chunks where a server sends none).
@@ -52,14 +56,29 @@ class Result:
     retries: int = 0
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> Result:
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": f"Get the {name.removeprefix('get_')} in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+    for name in ("get_weather", "get_time")
+]
+
+
+async def one_request(
+    client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, extra: dict | None = None
+) -> Result:
     """One streamed request. A connection that fails before any byte arrives is retried (mlx_lm.server's
     http.server drops connections beyond its small listen backlog); the wait counts in TTFT, and retries are
     reported."""
     started = time.perf_counter()
     for attempt in range(5):
         try:
-            result = await _stream_once(client, url, model, prompt, max_tokens, started)
+            result = await _stream_once(client, url, model, prompt, max_tokens, started, extra)
             result.retries = attempt
             return result
         except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError) as exc:
@@ -68,9 +87,10 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
 
 
 async def _stream_once(
-    client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, started: float
+    client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, started: float, extra: dict | None
 ) -> Result:
     body = {
+        **(extra or {}),
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
@@ -92,7 +112,8 @@ async def _stream_once(
             if event.get("usage"):
                 result.tokens = event["usage"]["completion_tokens"]
             choices = event.get("choices") or []
-            if choices and choices[0].get("delta", {}).get("content"):
+            delta = choices[0].get("delta", {}) if choices else {}
+            if delta.get("content") or delta.get("reasoning") or delta.get("tool_calls"):
                 now = time.perf_counter()
                 if last is None:
                     result.ttft = now - started
@@ -105,7 +126,13 @@ async def _stream_once(
 
 
 async def run_load(
-    url: str, model: str, requests: int, concurrency: int, max_tokens: int, keep_alive: bool = False
+    url: str,
+    model: str,
+    requests: int,
+    concurrency: int,
+    max_tokens: int,
+    keep_alive: bool = False,
+    extra: dict | None = None,
 ) -> dict:
     gate = asyncio.Semaphore(concurrency)
     # By default a new connection per request: mlx_lm.server closes its connections, and every target gets the same.
@@ -114,7 +141,7 @@ async def run_load(
 
         async def bounded(prompt: str) -> Result:
             async with gate:
-                return await one_request(client, url, model, prompt, max_tokens)
+                return await one_request(client, url, model, prompt, max_tokens, extra)
 
         await one_request(client, url, model, "warm up", 4)
         started = time.perf_counter()
@@ -275,8 +302,13 @@ def main() -> None:
     parser.add_argument("-c", "--concurrency", type=int, action="append", help="repeatable; default 1 and 16")
     parser.add_argument("-n", "--requests", type=int, help="requests per run (default 8 x concurrency, at least 32)")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--tools", action="store_true", help="ours with and without tools, alternating rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds for --tools")
     args = parser.parse_args()
     levels = args.concurrency or [1, 16]
+    if args.tools:
+        tools_and_thinking(args, levels)
+        return
 
     # One server at a time, each warmed up first (compilation, caches, first allocations), so no idle server
     # shares the cores and no first-request cost lands in the figures.
@@ -321,6 +353,32 @@ def main() -> None:
                 f"C={c:<3} tok/s {ratios['tok_s']:.2f}x   TTFT p50 {ratios['ttft_p50']:.2f}x   "
                 f"ITL p50 {ratios['itl_p50']:.2f}x"
             )
+
+
+def tools_and_thinking(args: argparse.Namespace, levels: list[int]) -> None:
+    """The same prompts with and without `tools` on one server, in alternating order round by round; each cell
+    is the median round [min, max]."""
+    proc, url, model = start_ours(args.model_path, args.backend)
+    loads = {"no tools": None, "tools + thinking": {"tools": TOOLS}}
+    try:
+        asyncio.run(
+            run_load(url, model, 2 * max(levels), max(levels), args.max_tokens, extra=loads["tools + thinking"])
+        )
+        for c in levels:
+            runs: dict[str, list[dict]] = {name: [] for name in loads}
+            for r in range(args.rounds):
+                for name in list(loads) if r % 2 == 0 else list(loads)[::-1]:
+                    n = args.requests or max(8 * c, 32)
+                    runs[name].append(asyncio.run(run_load(url, model, n, c, args.max_tokens, extra=loads[name])))
+            for name, figures in runs.items():
+                show(name, c, {k: statistics.median(f[k] for f in figures) for k in figures[0]})
+            ratios = [t["tok_s"] / p["tok_s"] for t, p in zip(runs["tools + thinking"], runs["no tools"], strict=True)]
+            print(
+                f"C={c:<3} tok/s tools + thinking / no tools: {statistics.median(ratios):.3f}x "
+                f"[{min(ratios):.3f}, {max(ratios):.3f}] over {args.rounds} rounds"
+            )
+    finally:
+        proc.stop()
 
 
 if __name__ == "__main__":
