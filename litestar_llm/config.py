@@ -123,7 +123,15 @@ class OpenAIBackendConfig(Section, tag="openai", tag_field="kind"):
     connect_timeout_s: Annotated[float, Meta(gt=0)] = 5.0
     """Longest wait for a TCP connection; a replica that takes longer is taken out and the request retried."""
     cooldown_s: Annotated[float, Meta(gt=0)] = 5.0
-    """A failed replica is out this long, then `GET {url}/models` is probed every cooldown_s until it answers."""
+    """A replica that is out has its health checked every cooldown_s until it is healthy again."""
+    health_interval_s: Annotated[float, Meta(gt=0)] = 10.0
+    """How often a replica in service has its health checked: its `/ready` beside the API root (this server's
+    own), or `GET {url}/models` where that answers 404 (vLLM, OpenAI)."""
+    max_failures: Positive = 3
+    """Failures in a row (5xx, timeouts, dropped connections) that take a replica out even while its health check
+    passes; a refused connection takes it out at once. A 4xx never counts: it is the request's fault."""
+    tokenize: bool = True
+    """Ask the upstream's `POST /tokenize` (vLLM's) for a prompt's length when a token budget is reserved."""
     max_connections: Positive = 1000
     """HTTP/1.1 connections per replica (one stream each), kept alive between requests."""
 
