@@ -663,3 +663,42 @@ def test_killed_replica_loses_no_request_that_had_not_started_streaming(
     finally:
         revived.stop()
         gateway.stop()
+
+
+BAD_SAMPLING = [
+    ({"top_k": 10**9}, "top_k"),
+    ({"seed": -1, "temperature": 1}, "seed"),
+    ({"min_p": 5}, "min_p"),
+    ({"repetition_penalty": -1}, "repetition_penalty"),
+    ({"logprobs": True, "top_logprobs": 100000}, "top_logprobs"),
+]
+
+
+def test_bad_sampling_through_the_gateway_spares_the_fleet(gateway: Server, upstreams) -> None:
+    """The values that once killed an MLX model, sent through a two-replica gateway while a stream runs: each is a
+    400 naming the field (from the gateway's own checks, or from the one upstream that got it, never retried), the
+    stream finishes whole, every replica stays up and serves."""
+    before = [posts_answered(s, 400) for s in upstreams]
+    result: dict = {}
+
+    def stream() -> None:
+        body = {"model": "tiny", "messages": HELLO, "max_tokens": 48, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=120) as response:
+            result["lines"] = [line for line in response.iter_lines() if line.startswith("data: ")]
+
+    runner = threading.Thread(target=stream)
+    runner.start()
+    for fields, param in BAD_SAMPLING:
+        body = {"model": "tiny", "messages": HELLO, "max_tokens": 4, **fields}
+        response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param or param in response.json()["error"]["message"]
+    runner.join(120)
+    assert result["lines"][-1] == "data: [DONE]" and '"finish_reason":"length"' in "".join(result["lines"])
+    reached = sum(posts_answered(s, 400) - b for s, b in zip(upstreams, before, strict=True))
+    assert reached <= 1  # top_k is the upstream's to judge (the gateway cannot know its vocabulary): once, no retry
+    assert all(r["up"] for r in replica_stats(gateway, "tiny"))
+    for upstream in upstreams:
+        assert httpx.get(f"{upstream.url}/ready", timeout=5).status_code == 200
+    ok = httpx.post(f"{gateway.url}/v1/chat/completions", json={"model": "tiny", "messages": HELLO, "max_tokens": 4})
+    assert ok.status_code == 200
