@@ -179,8 +179,14 @@ def test_the_template_gets_the_tool_history(engine) -> None:
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": [WEATHER], "tool_choice": NamedToolChoice(name="nope")}, "tool_choice"),
         ({"tools": [WEATHER], "chat_template_kwargs": {"chat_template": "{{ 1 }}"}}, "chat_template_kwargs"),
+        ({"tools": [Tool(name="f", parameters={"type": "wat"}, strict=True)], "tool_choice": "required"}, "tools"),
     ],
-    ids=["required without tools", "named tool not in tools", "template from the client"],
+    ids=[
+        "required without tools",
+        "named tool not in tools",
+        "template from the client",
+        "strict schema xgrammar refuses",
+    ],
 )
 def test_tool_requests_that_cannot_be_served_are_refused(engine, fields, param) -> None:
     with pytest.raises(InvalidRequestError) as raised:

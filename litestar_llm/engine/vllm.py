@@ -245,7 +245,7 @@ class VLLMEngine(Engine):
             self._alive = False
             raise EngineUnavailableError(f"model '{self.info.name}' stopped: {_one_line(exc)}") from None
         except VLLMValidationError as exc:
-            raise _invalid(exc) from None
+            raise _invalid(exc, parsing) from None
         finally:
             self._counters["in_flight"] -= 1
             # Closing vLLM's generator early (client gone) aborts the request in the engine.
@@ -359,7 +359,7 @@ class VLLMEngine(Engine):
                 **extra,
             )
         except (VLLMValidationError, ValueError, TypeError, OverflowError) as exc:
-            raise _invalid(exc) from None
+            raise _invalid(exc, parsing) from None
 
     async def _engine_input(self, prompt: list[int]) -> Any:
         """The tokens as vLLM's renderer prepares them (the path `AsyncLLM.generate` asks callers to take)."""
@@ -576,6 +576,8 @@ class _Parsing:
         self.parser = parser
         self.chat = chat
         self.structured_outputs = chat.extract_structured_outputs()
+        self.forced = self.structured_outputs != _structured_outputs(request.sampling)
+        """The structured output is the parser's (the calls' grammar), not the client's response format."""
         self.skip_special_tokens = chat.skip_special_tokens
         self.thinking = parser.reasoning_parser is not None
         self.thinking_budget = request.reasoning.budget_tokens if self.thinking else None
@@ -771,15 +773,18 @@ _PARAMS = frozenset(
 )
 
 
-def _invalid(exc: BaseException) -> InvalidRequestError:
+def _invalid(exc: BaseException, parsing: _Parsing | None = None) -> InvalidRequestError:
     """vLLM's refusal as a 400 naming the field: its own `parameter` where it says, else the field its message
-    starts with (`min_p must be in [0, 1], got 1.5.`)."""
+    starts with (`min_p must be in [0, 1], got 1.5.`), else `tools` when the grammar that failed was the calls'."""
     param = getattr(exc, "parameter", None)
     message = str(exc.args[0]) if isinstance(exc, VLLMValidationError) and exc.args else _one_line(exc)
     message = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
     if param is None:
         first = message.split(" ", 1)[0].strip("`:")
         param = first if first in _PARAMS else None
+    if param is None and parsing is not None and parsing.forced and "grammar" in message.lower():
+        param = "tools"
+        message = f"the tools' parameter schemas cannot be enforced ({message})"
     return InvalidRequestError(message, param)
 
 
