@@ -507,7 +507,8 @@ def test_token_limits_settle_on_the_upstreams_usage(start_server, upstreams, tok
         body = {"model": "tiny", "messages": messages, "temperature": 0, "max_tokens": 50}
 
         def remaining() -> int:
-            response = httpx.get(f"{front.url}/v1/models", headers=metered, timeout=30)
+            # a metered request (listings are not) that generates nothing: a stored-response lookup, a 404
+            response = httpx.get(f"{front.url}/v1/responses/resp_none", headers=metered, timeout=30)
             return int(response.headers["x-ratelimit-remaining-tokens"])
 
         answer = httpx.post(f"{front.url}/v1/chat/completions", json=body, headers=metered, timeout=60)
