@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 from litestar import Request
+from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
@@ -310,7 +311,7 @@ def _resolve(registry: EngineRegistry, name: str) -> tuple[Engine, ModelConfig]:
     return registry.resolve(name)
 
 
-def provide_serving(registry: EngineRegistry) -> Serving:
+def provide_serving(registry: NamedDependency[EngineRegistry]) -> Serving:
     """The `serving` dependency of every dialect's routes (cached per app by the router's Provide)."""
     return Serving(registry)
 

@@ -93,8 +93,9 @@ def test_metrics_count_exactly_what_was_sent(observed) -> None:
 
     assert httpx.get(f"{observed.url}/v1/models").status_code == 401  # refused: auth
     limited = {"Authorization": "Bearer limited-telemetry-key"}
-    assert httpx.get(f"{observed.url}/api/tags", headers=limited).status_code == 200
-    assert httpx.get(f"{observed.url}/api/tags", headers=limited).status_code == 429  # refused: rate_limit
+    pull = {"json": {"model": "tiny"}, "headers": limited}  # a metered request (listings are not)
+    assert httpx.post(f"{observed.url}/api/pull", **pull).status_code == 200
+    assert httpx.post(f"{observed.url}/api/pull", **pull).status_code == 429  # refused: rate_limit
 
     scraped = httpx.get(f"{observed.url}/metrics")  # public by [auth] public_paths
     assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
