@@ -15,6 +15,7 @@ from typing import Any
 
 from mlx_lm.generate import TextStateMachine, make_text_state_machine
 
+from litestar_llm.engine.spacing import MarkerSpacing
 from litestar_llm.engine.types import Delta, GenerationRequest, ToolCallDelta
 
 
@@ -49,12 +50,9 @@ class OutputSplitter:
     and finished tool calls."""
 
     __slots__ = (
-        "_answering",
-        "_blank",
         "_calls",
         "_parser",
-        "_rblank",
-        "_reasoned",
+        "_spacing",
         "_state",
         "_tool_text",
         "_tools",
@@ -66,10 +64,7 @@ class OutputSplitter:
         self._state, self._parser, self._tools = state, parser, tools
         self._tool_text: list[str] = []
         self._calls = 0
-        self._answering = False
-        self._reasoned = False
-        self._rblank = ""
-        self._blank = ""  # whitespace after a marker, held until the answer really starts
+        self._spacing = MarkerSpacing()
         self.called = False
         self.reasoning_tokens = 0
         """Tokens spent thinking: a token is one delta on MLX, counted when it added only thinking (or a
@@ -83,14 +78,15 @@ class OutputSplitter:
         text, reasoning, calls = [], [], []
         for state, piece in segments:
             if state == "reasoning":
-                reasoning.append(self._thought(piece))
+                reasoning.append(self._spacing.thought(piece))
             elif state == "tool":
                 self._tool_text.append(piece)
-                self._answering, self._blank = False, ""  # the blank line before a call is not answer text
+                self._spacing.call()
             else:
                 if self._tool_text:
                     calls.extend(self._finish_call())
-                text.append(self._answer(piece))
+                self._spacing.thought_ended()
+                text.append(self._spacing.answer(piece))
         if delta.finish_reason is not None and self._tool_text:
             calls.extend(self._finish_call())  # a call cut off by max_tokens or the end of the sequence
         delta.text, delta.reasoning = "".join(text), "".join(reasoning)
@@ -104,28 +100,6 @@ class OutputSplitter:
         if delta.finish_reason == "stop" and self.called:
             delta.finish_reason = "tool_calls"
         return delta
-
-    def _thought(self, piece: str) -> str:
-        """Thinking text, less the newlines around it inside `<think>` ... `</think>`: trailing whitespace is held
-        until more thinking follows, and dropped when the thinking ends."""
-        held = self._rblank + piece
-        if not self._reasoned:
-            held = held.lstrip()
-            self._reasoned = bool(held)
-        body = held.rstrip()
-        self._rblank = held[len(body) :]
-        return body
-
-    def _answer(self, piece: str) -> str:
-        """Answer text, less the blank lines templates put after `</think>` and between calls."""
-        if self._answering:
-            return piece
-        held = self._blank + piece
-        if not held.strip():
-            self._blank = held
-            return ""
-        self._answering, self._blank = True, ""
-        return held.lstrip()
 
     def _finish_call(self) -> list[ToolCallDelta]:
         source, self._tool_text = "".join(self._tool_text), []

@@ -33,6 +33,7 @@ import msgspec
 from litestar_llm.config import ModelConfig, VLLMBackendConfig
 from litestar_llm.engine.base import Engine, ModelInfo
 from litestar_llm.engine.files import folder_files, parameter_count
+from litestar_llm.engine.spacing import MarkerSpacing
 from litestar_llm.engine.types import (
     ChatMessage,
     Delta,
@@ -586,8 +587,7 @@ class _Parsing:
         self._indices: dict[int, int] = {}
         self._pending: dict[int, str] = {}
         self.called = False
-        self._reasoned = self._answering = False
-        self._rblank = self._blank = ""
+        self._spacing = MarkerSpacing()
 
     def engine_kwargs(self, prompt: list[int]) -> dict[str, Any]:
         """`reasoning_ended` and `reasoning_parser_kwargs` for vLLM's engine, as its chat endpoint passes them: the
@@ -612,41 +612,16 @@ class _Parsing:
         reasoning = (message.reasoning or "") if message is not None else ""
         text = (message.content or "") if message is not None else ""
         calls = self._calls(message.tool_calls if message is not None else [])
-        delta.reasoning = self._thought(reasoning) if reasoning else ""
+        delta.reasoning = self._spacing.thought(reasoning) if reasoning else ""
         if text or calls:
-            self._rblank = ""  # the thinking is over: its trailing newlines are not thinking
-        delta.text = self._answer(text) if text else ""
+            self._spacing.thought_ended()
+        delta.text = self._spacing.answer(text) if text else ""
         if calls:
             delta.tool_calls = calls
             self.called = True
-            self._answering, self._blank = False, ""  # the blank line before or between calls is not answer text
+            self._spacing.call()
         if delta.finish_reason == "stop" and self.called:
             delta.finish_reason = "tool_calls"
-
-    # vLLM's parsers keep the newlines templates put around the markers (`<think>\nthought\n</think>\n\nanswer`);
-    # as the MLX backend does, thinking and answer come without them, so a model answers the same on either.
-
-    def _thought(self, piece: str) -> str:
-        """Thinking, less the newlines inside `<think>` ... `</think>`: trailing whitespace is held until more
-        thinking follows, and dropped when the thinking ends."""
-        held = self._rblank + piece
-        if not self._reasoned:
-            held = held.lstrip()
-            self._reasoned = bool(held)
-        body = held.rstrip()
-        self._rblank = held[len(body) :]
-        return body
-
-    def _answer(self, piece: str) -> str:
-        """Answer text, less the blank lines after `</think>` and between calls."""
-        if self._answering:
-            return piece
-        held = self._blank + piece
-        if not held.strip():
-            self._blank = held
-            return ""
-        self._answering, self._blank = True, ""
-        return held.lstrip()
 
     def _calls(self, vllm_calls: list[Any]) -> list[ToolCallDelta]:
         calls: list[ToolCallDelta] = []
