@@ -21,7 +21,7 @@ from litestar_llm.config import TelemetryConfig
 from litestar_llm.observation import current_observer
 from litestar_llm.plugins.telemetry import providers
 
-REJECTION_REASONS = {401: "auth", 429: "rate_limit", 503: "overload"}
+REJECTION_REASONS = {401: "auth", 429: "rate_limit", 503: "overload", 529: "overload"}  # 529: Anthropic's overload
 
 
 def dialect_of(path: str) -> str:
