@@ -51,7 +51,8 @@ def test_create_non_stream(openai_client: openai.OpenAI, server, tokenizer) -> N
     assert response.usage.input_tokens == template_tokens(tokenizer, expected)
     assert 0 < response.usage.output_tokens <= 12
     assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
-    assert response.usage.input_tokens_details.cached_tokens == 0
+    # a prefix an earlier request left in the prompt cache may serve part of the prompt, never all of it
+    assert 0 <= response.usage.input_tokens_details.cached_tokens < response.usage.input_tokens
     assert response.usage.output_tokens_details.reasoning_tokens == 0
     if response.status == "incomplete":
         assert response.usage.output_tokens == 12 and item.status == "incomplete"
