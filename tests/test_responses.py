@@ -350,3 +350,10 @@ def test_route_set_switched_off(start_server, tiny_model) -> None:
     server = start_server(f'[routes]\nresponses = false\n[backends.local]\nkind = "mlx"\n{model_toml(tiny_model)}')
     assert httpx.post(f"{server.url}/v1/responses", json={"model": "tiny", "input": "hi"}).status_code == 404
     assert httpx.get(f"{server.url}/v1/models").status_code == 200
+
+
+def test_a_repeated_prompt_reports_cached_tokens(openai_client: openai.OpenAI) -> None:
+    first = greedy(openai_client, "Cache me: a prompt no other test sends.", max_output_tokens=3)
+    again = greedy(openai_client, "Cache me: a prompt no other test sends.", max_output_tokens=3)
+    assert first.usage.input_tokens == again.usage.input_tokens
+    assert 0 < again.usage.input_tokens_details.cached_tokens < again.usage.input_tokens
