@@ -197,3 +197,28 @@ def test_a_cancelled_generation_is_not_mistaken_for_a_shutdown(fake_registry: En
         assert fake_registry.in_flight == 0
 
     asyncio.run(scenario())
+
+
+ROUTE_SETS = {
+    "openai": {"/v1/chat/completions", "/v1/completions", "/v1/models"},
+    "responses": {"/v1/responses"},
+    "ollama": {"/api/chat", "/api/generate", "/api/tags"},
+    "anthropic": {"/v1/messages", "/v1/messages/count_tokens"},
+}
+
+
+@pytest.mark.parametrize("switched_off", list(ROUTE_SETS))
+def test_a_route_set_switched_off_is_not_mounted(tiny_model, switched_off: str) -> None:
+    """In process: the app's own route table, no server. Every set on but one: that one's paths are absent, the
+    others' and /health are there."""
+    from litestar_llm.app import create_app
+    from litestar_llm.config import parse_settings
+
+    routes = {name: name != switched_off for name in ROUTE_SETS}
+    data = {"routes": routes, "backends": {"local": {"kind": "mlx"}}}
+    data["models"] = [{"name": "tiny", "backend": "local", "source": str(tiny_model)}]
+    paths = {route.path for route in create_app(parse_settings(data, tiny_model.parent)).routes}
+    assert "/health" in paths
+    for name, expected in ROUTE_SETS.items():
+        present = expected & paths
+        assert present == (set() if name == switched_off else expected), name

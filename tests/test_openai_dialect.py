@@ -263,12 +263,3 @@ def test_openai_client_raises_typed_errors(openai_client: openai.OpenAI) -> None
 def test_unknown_request_fields_are_tolerated(server) -> None:
     body = {"model": "tiny", "messages": HELLO, "max_tokens": 2, "some_future_parameter": {"x": 1}}
     assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30).status_code == 200
-
-
-def test_routes_switched_off_are_not_mounted(start_server, tiny_model) -> None:
-    from conftest import model_toml
-
-    server = start_server(f'[routes]\nopenai = false\n[backends.local]\nkind = "mlx"\n{model_toml(tiny_model)}')
-    assert httpx.get(f"{server.url}/v1/models").status_code == 404
-    assert httpx.post(f"{server.url}/v1/chat/completions", json={}).status_code == 404
-    assert httpx.get(f"{server.url}/health").status_code == 200

@@ -344,14 +344,6 @@ def test_engine_failure_mid_stream_fails_the_response() -> None:
     assert stored.status == "failed" and stored.conversation() == []
 
 
-def test_route_set_switched_off(start_server, tiny_model) -> None:
-    from conftest import model_toml
-
-    server = start_server(f'[routes]\nresponses = false\n[backends.local]\nkind = "mlx"\n{model_toml(tiny_model)}')
-    assert httpx.post(f"{server.url}/v1/responses", json={"model": "tiny", "input": "hi"}).status_code == 404
-    assert httpx.get(f"{server.url}/v1/models").status_code == 200
-
-
 def test_a_repeated_prompt_reports_cached_tokens(openai_client: openai.OpenAI) -> None:
     first = greedy(openai_client, "Cache me: a prompt no other test sends.", max_output_tokens=3)
     again = greedy(openai_client, "Cache me: a prompt no other test sends.", max_output_tokens=3)
