@@ -56,7 +56,8 @@ def deployment_plugins(settings: Settings) -> list[PluginProtocol]:
 
 def no_route(request: Request, exc: HTTPException) -> Response:
     """404 for a path nothing serves, 405 for a method a path does not take: in the shape of the dialect whose
-    prefix the path has (OpenAI's under /v1, Ollama's under /api), else Litestar's own."""
+    prefix the path has (Anthropic's under /v1/messages, OpenAI's elsewhere under /v1, Ollama's under /api), else
+    Litestar's own."""
     method, path = request.method, request.url.path
     routed = "route_handler" in request.scope
     if not routed:  # raised by routing itself, not by a route: say what was asked
@@ -66,7 +67,9 @@ def no_route(request: Request, exc: HTTPException) -> Response:
             exc = MethodNotAllowedException(detail=detail, headers=exc.headers)
         else:
             exc = NotFoundException(detail=f"Invalid URL ({method} {path})")
-    if path == "/v1" or path.startswith("/v1/"):
+    if path.startswith("/v1/messages"):
+        from litestar_llm.dialects.anthropic.errors import handle
+    elif path == "/v1" or path.startswith("/v1/"):
         from litestar_llm.dialects.openai.errors import handle
     elif path == "/api" or path.startswith("/api/"):
         from litestar_llm.dialects.ollama.errors import handle

@@ -173,13 +173,14 @@ def _finite(value: float) -> bool:
 class Choice:
     """One choice of a non-streamed answer, collected from its deltas."""
 
-    __slots__ = ("_calls", "finish_reason", "logprobs", "reasoning_parts", "texts", "usage")
+    __slots__ = ("_calls", "finish_reason", "logprobs", "reasoning_parts", "stop_sequence", "texts", "usage")
 
     def __init__(self) -> None:
         self.texts: list[str] = []
         self.reasoning_parts: list[str] = []
         self._calls: dict[int, list[str | None]] = {}
         self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None
         self.logprobs: list[TokenLogprob] = []
         self.usage: Usage | None = None
 
@@ -196,7 +197,7 @@ class Choice:
         if delta.logprobs:
             self.logprobs.extend(delta.logprobs)
         if delta.finish_reason is not None:
-            self.finish_reason = delta.finish_reason
+            self.finish_reason, self.stop_sequence = delta.finish_reason, delta.stop_sequence
         if delta.usage is not None:
             self.usage = delta.usage
 

@@ -25,7 +25,9 @@ KEY = {"Authorization": "Bearer hardening-key"}
 
 
 def app_for(tiny_model: Path, extra: str = ""):
-    toml = f'[routes]\nollama = true\n[backends.local]\nkind = "mlx"\n{model_toml(tiny_model)}\n{extra}'
+    toml = (
+        f'[routes]\nollama = true\nanthropic = true\n[backends.local]\nkind = "mlx"\n{model_toml(tiny_model)}\n{extra}'
+    )
     return create_app(parse_settings(tomllib.loads(toml), tiny_model.parent))
 
 
@@ -60,6 +62,23 @@ def test_ollama_paths_nothing_serves_answer_in_ollama_shape(client, method: str,
     assert response.status_code == status
     body = response.json()
     assert list(body) == ["error"] and path in body["error"]
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [("GET", "/v1/messages", 405), ("POST", "/v1/messages/x", 404)])
+def test_anthropic_paths_nothing_serves_answer_in_anthropic_shape(client, method: str, path: str, status: int) -> None:
+    response = client.request(method, path)
+    assert response.status_code == status
+    body = response.json()
+    assert body["type"] == "error"
+    assert body["error"]["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+    assert path in body["error"]["message"]
+
+
+def test_telemetry_labels_each_dialect_by_its_paths() -> None:
+    from litestar_llm.plugins.telemetry import dialect_of
+
+    paths = ["/v1/messages", "/v1/messages/count_tokens", "/v1/responses/r1", "/v1/chat/completions", "/api/chat"]
+    assert [dialect_of(p) for p in paths] == ["anthropic", "anthropic", "responses", "openai", "ollama"]
 
 
 def test_other_paths_keep_litestars_shape_and_routes_keep_their_own_404s(client) -> None:

@@ -127,6 +127,8 @@ class _Choice(msgspec.Struct):
     text: str | None = None
     finish_reason: str | None = None
     logprobs: _Logprobs | None = None
+    stop_reason: str | int | None = None
+    """vLLM's (and this server's): the stop string that ended the choice, or the stop token's id."""
 
 
 class _PromptDetails(msgspec.Struct):
@@ -692,6 +694,7 @@ class RemoteEngine(Engine):
                     token_ids=[UNKNOWN_TOKEN_ID] * count,
                     logprobs=logprobs,
                     finish_reason=finish,
+                    stop_sequence=choice.stop_reason if isinstance(choice.stop_reason, str) else None,
                 )
                 if finish is None:
                     yield delta

@@ -11,6 +11,7 @@ import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath
+from msgspec import UNSET
 
 from litestar_llm.dialects.anthropic.routes import models_answer
 from litestar_llm.dialects.openai import wire
@@ -94,6 +95,7 @@ async def chat_completions(request: Request, serving: NamedDependency[Serving]) 
                     index=i,
                     message=_message(c, reasoning=True),
                     finish_reason=c.finish_reason,
+                    stop_reason=c.stop_sequence or UNSET,
                     logprobs=wire.ChoiceLogprobs(content=[token_logprob(lp) for lp in c.logprobs])
                     if body.logprobs
                     else None,
@@ -125,7 +127,15 @@ async def _chat_chunks(
             if delta.tool_calls:
                 content.tool_calls = tool_call_fragments(delta.tool_calls)
             yield chunk(
-                [wire.ChunkChoice(index=index, delta=content, finish_reason=delta.finish_reason, logprobs=logprobs)]
+                [
+                    wire.ChunkChoice(
+                        index=index,
+                        delta=content,
+                        finish_reason=delta.finish_reason,
+                        logprobs=logprobs,
+                        stop_reason=delta.stop_sequence or UNSET,
+                    )
+                ]
             )
         if delta.usage is not None:
             usages[index] = delta.usage
@@ -150,7 +160,15 @@ async def completions(request: Request, serving: NamedDependency[Serving]) -> Re
     for i, c in choices.items():
         echo = echoes[i // body.n]
         logprobs = completion_logprobs(c.logprobs, len(echo)) if body.logprobs is not None else None
-        out.append(wire.CompletionChoice(index=i, text=echo + c.text, finish_reason=c.finish_reason, logprobs=logprobs))
+        out.append(
+            wire.CompletionChoice(
+                index=i,
+                text=echo + c.text,
+                finish_reason=c.finish_reason,
+                logprobs=logprobs,
+                stop_reason=c.stop_sequence or UNSET,
+            )
+        )
     used = usage(total_usage({i: c.usage for i, c in choices.items()}, body.n))
     return _json(wire.Completion(id=response_id, created=created, model=body.model, choices=out, usage=used))
 
@@ -179,7 +197,11 @@ async def _completion_chunks(
         if delta.text or delta.finish_reason or logprobs:
             yield chunk(
                 wire.CompletionChoice(
-                    index=index, text=delta.text, finish_reason=delta.finish_reason, logprobs=logprobs
+                    index=index,
+                    text=delta.text,
+                    finish_reason=delta.finish_reason,
+                    logprobs=logprobs,
+                    stop_reason=delta.stop_sequence or UNSET,
                 )
             )
         if delta.usage is not None:

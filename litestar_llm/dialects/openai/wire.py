@@ -168,6 +168,8 @@ class ChatChoice(Struct):
     message: AssistantMessage
     finish_reason: str | None
     logprobs: ChoiceLogprobs | None = None
+    stop_reason: str | UnsetType = UNSET
+    """vLLM's extension: the stop string that ended the choice (gateways pass it on as Anthropic's stop_sequence)."""
 
 
 class ChatCompletion(Struct):
@@ -204,6 +206,7 @@ class ChunkChoice(Struct):
     delta: ChunkDelta
     finish_reason: str | None = None
     logprobs: ChoiceLogprobs | None = None
+    stop_reason: str | UnsetType = UNSET
 
 
 class ChatCompletionChunk(Struct):
@@ -227,6 +230,7 @@ class CompletionChoice(Struct):
     text: str
     finish_reason: str | None
     logprobs: CompletionLogprobs | None = None
+    stop_reason: str | UnsetType = UNSET
 
 
 class Completion(Struct):

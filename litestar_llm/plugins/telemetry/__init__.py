@@ -27,6 +27,8 @@ REJECTION_REASONS = {401: "auth", 429: "rate_limit", 503: "overload", 529: "over
 def dialect_of(path: str) -> str:
     if path.startswith("/v1/responses"):
         return "responses"
+    if path.startswith("/v1/messages"):
+        return "anthropic"
     if path.startswith("/v1/"):
         return "openai"
     return "ollama" if path.startswith("/api/") or path == "/" else "other"
