@@ -89,8 +89,12 @@ class MLXBackendConfig(Section, tag="mlx", tag_field="kind"):
     """Prompts prefilled together when they arrive at once."""
     prefill_step_size: Positive = 2048
     """Prompt tokens per prefill chunk: longer prompts are processed in chunks between decode steps."""
-    prompt_cache_size: Annotated[int, Meta(ge=0)] = 10
-    """KV caches of finished sequences kept for reuse by prompts that share their prefix; 0 turns it off."""
+    prompt_cache_bytes: Annotated[int, Meta(ge=0)] | None = None
+    """Bytes of KV cache kept for reuse by prompts that share a prefix (shared system prompts, earlier turns of a
+    chat), counting the running sequences' own, as mlx_lm.server's --prompt-cache-bytes; 0 turns reuse off.
+    Omitted: a quarter of the memory available at start-up."""
+    prompt_cache_size: Annotated[int, Meta(ge=0)] = 128
+    """At most this many cached prefixes (the byte bound is the one that matters); 0 turns reuse off."""
     max_queue: Positive | None = None
     """Requests that may wait for a batch slot; one more is refused at once with 503 and Retry-After. Omitted:
     4 x max_batch_size."""

@@ -42,6 +42,7 @@ from litestar_llm.config import MLXBackendConfig, ModelConfig
 from litestar_llm.engine.base import Engine, ModelInfo
 from litestar_llm.engine.files import folder_files, parameter_count
 from litestar_llm.engine.mlx_output import OutputParsers, OutputSplitter
+from litestar_llm.engine.mlx_prefix import PrefixCache, default_max_bytes
 from litestar_llm.engine.stops import StopStringMatcher
 from litestar_llm.engine.template import template_messages
 from litestar_llm.engine.types import Delta, GenerationRequest, TokenLogprob, TopLogprob, Usage
@@ -58,7 +59,6 @@ try:
     import mlx.core as mx
     from mlx_lm import load as mlx_load
     from mlx_lm.generate import BatchGenerator
-    from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
     from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise MissingDependencyError("mlx-lm", "mlx") from exc
@@ -211,9 +211,10 @@ class MLXEngine(Engine):
         )
         self.max_queue = backend.max_queue or 4 * backend.max_batch_size
         self._inbox: queue.SimpleQueue[tuple[str, _Sequence | None]] = queue.SimpleQueue()
-        # KV caches of finished sequences, reused for prompts that share a prefix (the next turn of a chat,
-        # a common system prompt): mlx_lm.server's own LRU cache, touched only by the generation thread.
-        self._prompt_cache = LRUPromptCache(max_size=backend.prompt_cache_size)
+        # KV caches of shared prefixes and finished sequences, reused for prompts that share a prefix (a common
+        # system prompt, the next turn of a chat): mlx_lm.server's own LRU cache, touched only by the thread.
+        max_bytes = default_max_bytes() if backend.prompt_cache_bytes is None else backend.prompt_cache_bytes
+        self._prefixes = PrefixCache(model.name, max_bytes, backend.prompt_cache_size)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._model: Any = None
@@ -240,6 +241,7 @@ class MLXEngine(Engine):
         # Counters read by /ready and the tests: they show whether concurrent requests really share steps.
         self._counters = {
             "decode_steps": 0, "generated_tokens": 0, "max_batch": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0,
+            "prefilled_tokens": 0,
             "refused": 0, "expired": 0, "cancelled_waiting": 0, "failed": 0,
         }  # fmt: skip
 
@@ -273,6 +275,7 @@ class MLXEngine(Engine):
     def stats(self) -> dict[str, Any]:
         return {
             **self._counters,
+            **self._prefixes.stats(),
             "running": len(self._active),
             "waiting": self.waiting,
             "max_queue": self.max_queue,
@@ -450,7 +453,7 @@ class MLXEngine(Engine):
                 self._restart_at = 0.0
                 if self._closing:
                     break
-                self._prompt_cache = LRUPromptCache(max_size=self.backend.prompt_cache_size)
+                self._prefixes.clear()
                 self._restarts += 1
                 self._state, self._error = "ready", None
                 logger.warning("model %s restarted (%d in a row)", self.info.name, failures)
@@ -571,8 +574,14 @@ class MLXEngine(Engine):
             self._counters["expired"] += 1
             wait = self.backend.max_queue_wait_s
             self._fail(sequence, OverloadedError(f"model '{self.info.name}' is overloaded: no slot within {wait:g} s"))
+        later = []  # waiting for a shared prefix another request is prefilling
         while pending and len(self._active) < limit:
             sequence = pending.popleft()
+            if not (sequence.finished or sequence.cancelled) and self._prefixes.waits_for_prefix(
+                sequence.prompt, self._active
+            ):
+                later.append(sequence)
+                continue
             self._dequeue(sequence)
             if sequence.finished or sequence.cancelled:
                 if not sequence.finished:
@@ -583,6 +592,7 @@ class MLXEngine(Engine):
                 self._insert(generator, sequence)
             except Exception as exc:
                 self._fail(sequence, self._row_error(exc, "could not start this request"))
+        pending.extendleft(reversed(later))
 
     def _dequeue(self, sequence: _Sequence) -> None:
         if sequence.queued:
@@ -606,10 +616,11 @@ class MLXEngine(Engine):
             )
         ]
         detokenizer = self._tokenizer.detokenizer
-        cache, rest = self._cached_prefix(sequence.prompt)
+        cache, rest = self._prefixes.fetch(sequence.prompt)
         cached = len(sequence.prompt) - len(rest)
-        (uid,) = generator.insert(
-            [rest],
+        segments = self._prefixes.segments(sequence.prompt, cached, self._pending)
+        (uid,) = generator.insert_segments(
+            [segments],
             max_tokens=[sequence.max_tokens],
             caches=[cache],
             all_tokens=[sequence.prompt[:cached]],
@@ -618,29 +629,15 @@ class MLXEngine(Engine):
         )
         sequence.uid, sequence.detokenizer, sequence.guards = uid, detokenizer, (sampler, *processors)
         self._active[uid] = sequence
+        self._prefixes.filling(uid, sequence.prompt, cached, segments)
         sequence.cached = cached
         self._counters["prompt_tokens"] += len(sequence.prompt)
         self._counters["cached_prompt_tokens"] += cached
+        self._counters["prefilled_tokens"] += len(rest)
 
-    def _cached_prefix(self, prompt: list[int]) -> tuple[list | None, list[int]]:
-        """The KV cache of the longest cached prefix of `prompt`, and the tokens still to prefill (never none:
-        the last prompt token must go through the model to give the first logits)."""
-        if not self.backend.prompt_cache_size:
-            return None, prompt
-        cache, rest = self._prompt_cache.fetch_nearest_cache(self.info.name, prompt)
-        if cache is not None and not rest:
-            if not can_trim_prompt_cache(cache):
-                return None, prompt
-            trim_prompt_cache(cache, 1)
-            rest = prompt[-1:]
-        return cache, rest
-
-    def _keep_cache(self, tokens: list[int] | None, cache: list | None) -> None:
-        if self.backend.prompt_cache_size and tokens and cache:
-            try:
-                self._prompt_cache.insert_cache(self.info.name, list(tokens), cache)
-            except Exception:  # an optimisation only: never worth a request
-                logger.exception("could not keep a prompt cache for model %s", self.info.name)
+    def _keep_cache(self, generator: BatchGenerator, tokens: list[int] | None, cache: list | None) -> None:
+        """A finished sequence's cache (prompt and answer): the next turn of its chat starts from it."""
+        self._prefixes.keep(tokens, cache, "assistant", lambda: generator.prompt_cache_nbytes)
 
     # -- the generation thread: one step ---------------------------------------------------------------------
 
@@ -662,6 +659,8 @@ class MLXEngine(Engine):
             sequence = self._active.get(response.uid)
             if sequence is not None and not sequence.prompt_started:
                 sequence.prompt_started = step_started
+        if prompt_responses:
+            self._prefixes.prefilled(generator, prompt_responses, lambda: generator.prompt_cache_nbytes)
         if faults:
             self._fail_faulted(generator, faults)
         if responses:
@@ -706,11 +705,11 @@ class MLXEngine(Engine):
                 if r.finish_reason is None:  # a stop string: BatchGenerator still holds the row
                     stopped.append(r.uid)
                 else:
-                    self._keep_cache(r.all_tokens, r.prompt_cache)
+                    self._keep_cache(generator, r.all_tokens, r.prompt_cache)
             out.append((sequence.queue, delta))
         if stopped:
             for cache, tokens in generator.remove(stopped, return_prompt_caches=True).values():
-                self._keep_cache(tokens, cache)
+                self._keep_cache(generator, tokens, cache)
         if failed:
             generator.remove([uid for uid, _, _ in failed])
             for uid, sequence, exc in failed:

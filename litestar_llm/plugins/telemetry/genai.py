@@ -79,6 +79,8 @@ class GenAIMetrics:
             ("litestar_llm.engine.requests.running", "running", "{request}", "Sequences being decoded"),
             ("litestar_llm.engine.requests.waiting", "waiting", "{request}", "Sequences waiting for a batch slot"),
             ("litestar_llm.engine.kv_cache.usage", "kv_cache_usage", "1", "KV cache in use (0..1), where reported"),
+            ("litestar_llm.engine.prompt_cache.size", "prompt_cache_bytes", "By", "KV cache kept for prefix reuse"),
+            ("litestar_llm.engine.prompt_cache.hit_rate", "prompt_cache_hit_rate", "1", "Prompts that reused a prefix"),
         ):
             meter.create_observable_gauge(name, [self._gauge(stat)], unit=unit, description=description)
 
@@ -121,7 +123,7 @@ class RequestObserver:
             )
         first_at: float | None = None
         sequences = sum(r.n for r in requests)
-        input_tokens = output_tokens = 0
+        input_tokens = output_tokens = cached_tokens = 0
         finish_reasons: list[str] = []
         error: str | None = None
         try:
@@ -132,6 +134,7 @@ class RequestObserver:
                     usage = delta.usage
                     if index % request.n == 0:
                         input_tokens += usage.prompt_tokens
+                        cached_tokens += usage.cached_prompt_tokens
                     output_tokens += usage.completion_tokens
                     if usage.completion_tokens > 1 and usage.decode_s > 0:
                         metrics.tpot.record(usage.decode_s / (usage.completion_tokens - 1), attributes)
@@ -166,6 +169,7 @@ class RequestObserver:
                         "gen_ai.response.model": request.model,
                         "gen_ai.response.finish_reasons": finish_reasons,
                         "gen_ai.usage.input_tokens": input_tokens,
+                        "gen_ai.usage.cache_read.input_tokens": cached_tokens,
                         "gen_ai.usage.output_tokens": output_tokens,
                     }
                 )
