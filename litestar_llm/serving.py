@@ -112,7 +112,7 @@ def check_request(request: GenerationRequest, info: ModelInfo, names: FieldNames
         raise refuse("stop", f"the stop strings may have {MAX_STOP_CHARS} characters in all")
     if not 1 <= request.n <= MAX_CHOICES:
         raise refuse("n", f"must be in [1, {MAX_CHOICES}], got {request.n}")
-    if (s.json_object or s.json_schema is not None) and not info.structured_output:
+    if s.constrained and not info.structured_output:
         raise refuse(
             "response_format",
             f"needs constrained decoding, which the {info.backend} backend serving '{info.name}' does not support",
@@ -350,7 +350,10 @@ class Serving:
         except InvalidRequestError as exc:  # the engine's own checks name fields the engine's way
             await stream.aclose()
             if exc.param is not None:
-                exc.param = names(exc.param) if callable(names) else names.get(exc.param, exc.param)
+                wire = names(exc.param) if callable(names) else names.get(exc.param, exc.param)
+                if exc.message.startswith(f"{exc.param}:"):  # the message names the field too
+                    exc.message = wire + exc.message[len(exc.param) :]
+                exc.param = wire
             raise
         except BaseException:
             await stream.aclose()

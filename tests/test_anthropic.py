@@ -912,9 +912,9 @@ def test_thinking_sent_back_is_part_of_the_prompt(agent: anthropic.Anthropic) ->
 
 
 def test_forcing_a_tool(agent_backend: tuple[str, anthropic.Anthropic]) -> None:
-    """tool_choice any / tool force a call where the backend has constrained decoding (vLLM); MLX has none, so
-    there they are a 400 that says so. auto lets the model call; none offers no tools."""
-    kind, agent = agent_backend
+    """tool_choice any / tool force a call by constrained decoding on both backends (vLLM's schema for forced
+    calls; llguidance on MLX). auto lets the model call; none offers no tools."""
+    _kind, agent = agent_backend
     from examples.make_agent_model import TOOLS
 
     case = _script()["weather_london_direct"]  # thinking off: the model acts at once
@@ -925,23 +925,14 @@ def test_forcing_a_tool(agent_backend: tuple[str, anthropic.Anthropic]) -> None:
     ]
     messages = [{"role": "user", "content": case.messages[0]["content"]}]
     off = {"thinking": {"type": "disabled"}}
-    if kind == "mlx":
-        for choice in ({"type": "any"}, {"type": "tool", "name": "get_weather"}):
-            with pytest.raises(anthropic.BadRequestError) as caught:
-                agent.messages.create(**AGENT, **off, messages=messages, tools=tools, tool_choice=choice)
-            message = _error(caught, "invalid_request_error")
-            assert message.startswith("tool_choice: forcing a call needs constrained decoding"), message
-    else:
-        forced = agent.messages.create(**AGENT, **off, messages=messages, tools=everything, tool_choice={"type": "any"})
-        assert forced.stop_reason == "tool_use" and [b.type for b in forced.content] == ["tool_use"]
-        assert forced.content[0].name in ("get_weather", "get_time")
-        named = agent.messages.create(
-            **AGENT, **off, messages=messages, tools=everything, tool_choice={"type": "tool", "name": "get_time"}
-        )
-        assert named.stop_reason == "tool_use" and [(b.type, b.name) for b in named.content] == [
-            ("tool_use", "get_time")
-        ]
-        assert set(named.content[0].input) <= {"city"}
+    forced = agent.messages.create(**AGENT, **off, messages=messages, tools=everything, tool_choice={"type": "any"})
+    assert forced.stop_reason == "tool_use" and {b.type for b in forced.content} == {"tool_use"}
+    assert forced.content[0].name in ("get_weather", "get_time")
+    named = agent.messages.create(
+        **AGENT, **off, messages=messages, tools=everything, tool_choice={"type": "tool", "name": "get_time"}
+    )
+    assert named.stop_reason == "tool_use" and [(b.type, b.name) for b in named.content] == [("tool_use", "get_time")]
+    assert set(named.content[0].input) <= {"city"}
     auto = agent.messages.create(**AGENT, **off, messages=messages, tools=tools, tool_choice={"type": "auto"})
     assert _blocks(auto) == [("tool_use", (c["name"], c["arguments"])) for c in case.tool_calls]
     assert auto.stop_reason == "tool_use"

@@ -218,7 +218,7 @@ BAD_REQUESTS = [
     ("n too large", {"model": "tiny", "messages": HELLO, "n": 1000}, 400, "n"),
     ("top_logprobs too large", {"model": "tiny", "messages": HELLO, "logprobs": True, "top_logprobs": 50}, 400, "top_logprobs"),
     ("image content", {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages[0].content[0]"),
-    ("json mode", {"model": "tiny", "messages": HELLO, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("unsupported schema", {"model": "tiny", "messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}}, 400, "response_format"),
     ("beyond context", {"model": "tiny", "messages": HELLO, "max_tokens": 100000}, 400, "max_tokens"),
     ("unknown model", {"model": "gpt-9", "messages": HELLO}, 404, "model"),
     ("too large", {"model": "tiny", "messages": [{"role": "user", "content": "x" * 70000}]}, 413, None),

@@ -349,6 +349,36 @@ def test_scripted_required_as_a_json_array(parsers, monkeypatch) -> None:
     assert [(c["name"], c["arguments"]) for c in named.calls] == [("get_time", '{"zone": "CET"}')]
 
 
+def test_forced_call_schema_is_vllms() -> None:
+    """MLX forces calls with the schema vLLM builds for them (one function, litestar_llm.engine.forced_calls)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.tool_parsers.utils import get_json_schema_from_tools
+
+    from litestar_llm.engine.forced_calls import forced_call_schema
+
+    defs = {"$defs": {"Unit": {"enum": ["C", "F"]}}}
+    tools = [
+        Tool(name="a", parameters={"type": "object", "properties": {"u": {"$ref": "#/$defs/Unit"}}, **defs}),
+        Tool(name="b", parameters={}),
+    ]
+    for parallel in (True, False):
+        chat = ChatCompletionRequest.model_validate(  # vLLM takes the $defs out of the tools it is given
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [
+                    {"type": "function", "function": {"name": t.name, "parameters": t.parameters}} for t in tools
+                ],
+            }
+        )
+        ours = forced_call_schema(
+            GenerationRequest(model="m", tools=tools, tool_choice="required", parallel_tool_calls=parallel)
+        )
+        assert ours == get_json_schema_from_tools("required", chat.tools, parallel)
+    named = forced_call_schema(GenerationRequest(model="m", tools=tools, tool_choice=NamedToolChoice(name="b")))
+    assert named == {"type": "object", "properties": {}}
+
+
 # -- configuration ----------------------------------------------------------------------------------------------
 
 

@@ -38,3 +38,30 @@ def arguments_text(arguments: str | dict | None, param: str) -> str:
 
 def names_of_calls(messages: list[ChatMessage]) -> dict[str, ToolCall]:
     return {call.id: call for message in messages for call in message.tool_calls}
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMAS = ("additionalProperties", "items", "prefixItems", "allOf", "anyOf", "oneOf", "not", "if", "then", "else")
+
+
+def strict_schema(schema: dict) -> dict:
+    """A copy of a strict schema (OpenAI's `strict: true`): an object that names its properties and does not say
+    otherwise admits no others, as vLLM's `disable_additional_properties` reads it."""
+
+    def walk(node: object) -> object:
+        if isinstance(node, list):
+            return [walk(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        out = dict(node)
+        for key in _SCHEMA_MAPS:
+            if isinstance(out.get(key), dict):
+                out[key] = {name: walk(sub) for name, sub in out[key].items()}
+        for key in _SUBSCHEMAS:
+            if isinstance(out.get(key), dict | list):
+                out[key] = walk(out[key])
+        if "additionalProperties" not in out and isinstance(out.get("properties"), dict):
+            out["additionalProperties"] = False
+        return out
+
+    return walk(schema)

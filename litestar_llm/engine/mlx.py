@@ -39,8 +39,10 @@ from typing import Any
 import msgspec
 
 from litestar_llm.config import MLXBackendConfig, ModelConfig
+from litestar_llm.engine import mlx_grammar
 from litestar_llm.engine.base import Engine, ModelInfo
 from litestar_llm.engine.files import folder_files, parameter_count
+from litestar_llm.engine.forced_calls import ForcedCallSplitter, forced, forced_call_schema
 from litestar_llm.engine.mlx_output import OutputParsers, OutputSplitter
 from litestar_llm.engine.mlx_prefix import PrefixCache, default_max_bytes
 from litestar_llm.engine.stops import StopStringMatcher
@@ -78,6 +80,7 @@ the engine fail on purpose. KIND: `thread` (the generator dies in a step; its re
 request), `release`, `sampler` (this row's sampler raises mlx's own error), `emit` (building this row's delta
 raises)."""
 _FAULT_PREFIX = "litestar-llm-test-fault:"
+_LLGUIDANCE = "pip install 'litestar-llm[mlx]'"
 
 _step = threading.local()
 """`faults`: {guard: exception} of the generator step running on this thread, None outside a step."""
@@ -164,6 +167,7 @@ class _Sequence:
         "finished",
         "first_token",
         "guards",
+        "matcher",
         "max_tokens",
         "prompt",
         "prompt_started",
@@ -186,6 +190,8 @@ class _Sequence:
         self.guards: tuple[_Guarded, ...] = ()
         """The sampler and logits processors BatchGenerator calls for this row: a fault in one fails the row."""
         self.stops = StopStringMatcher(request.sampling.stop)
+        self.matcher: Any = None
+        """The llguidance matcher of a constrained sequence (its own: n > 1 gives each choice one)."""
         self.completion_tokens = 0
         self.cached = 0
         self.submitted = 0.0
@@ -220,6 +226,8 @@ class MLXEngine(Engine):
         self._model: Any = None
         self._tokenizer: Any = None
         self._parsers: OutputParsers | None = None
+        self._grammars: mlx_grammar.Grammars | None = None
+        self._masks: mlx_grammar.StepMasks | None = None
         self._state = "loading"
         """loading, ready, failed (down: restarting after a back-off, or given up), stopped."""
         self._error: str | None = None
@@ -331,7 +339,10 @@ class MLXEngine(Engine):
         """The sequence, and for a model that thinks or calls tools the splitter of its output. Stop strings then
         apply to the answer alone, after splitting, so the thread's own matcher gets none."""
         sequence = self._prepare(request, fault)
-        splitter = self._parsers.splitter(request, sequence.prompt) if self._parsers is not None else None
+        if sequence.matcher is not None and forced(request):
+            splitter = ForcedCallSplitter(request)
+        else:
+            splitter = self._parsers.splitter(request, sequence.prompt) if self._parsers is not None else None
         if splitter is None or not request.sampling.stop:
             return sequence, splitter, None
         answer_stops, sequence.stops = sequence.stops, StopStringMatcher([])
@@ -388,7 +399,24 @@ class MLXEngine(Engine):
                 f"max_tokens asks for {max_tokens} more.",
                 param="max_tokens",
             )
-        return _Sequence(request, prompt, max_tokens or room, fault)
+        sequence = _Sequence(request, prompt, max_tokens or room, fault)
+        sequence.matcher = self._matcher(request)
+        return sequence
+
+    def _matcher(self, request: GenerationRequest) -> Any:
+        """The sequence's grammar matcher (compiled here, off the event loop and the generation thread, cached by
+        its text), or None for free decoding. A forced tool call is decoded with vLLM's schema for it."""
+        constraint = mlx_grammar.constraint_of(request.sampling)
+        schema = forced_call_schema(request) if request.messages is not None else None
+        if schema is not None:
+            constraint = ("tools", "json", msgspec.json.encode(schema).decode())
+        if constraint is None:
+            return None
+        if self._grammars is None:
+            raise InvalidRequestError(
+                f"constrained decoding needs llguidance, which is not installed: {_LLGUIDANCE}", constraint[0]
+            )
+        return self._grammars.matcher(*constraint)
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return len(await asyncio.to_thread(self._encode, request))
@@ -478,6 +506,20 @@ class MLXEngine(Engine):
             self.info.tools, self.info.thinking = self._parsers.tools, self._parsers.thinking
         except Exception as exc:
             raise ModelLoadError(self.info.name, source, f"cannot read the model's files: {exc}") from None
+        self._load_grammars(config, tokenizer)
+
+    def _load_grammars(self, config: dict, tokenizer: Any) -> None:
+        """llguidance's view of the tokenizer, where llguidance is installed and the tokenizer is a fast one."""
+        if not mlx_grammar.available():
+            return
+        width = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size") or len(tokenizer)
+        try:
+            self._grammars = mlx_grammar.Grammars(tokenizer._tokenizer, width, list(tokenizer.eos_token_ids))
+        except Exception as exc:  # a slow tokenizer, say: the model serves, unconstrained
+            logger.warning("model %s: no constrained decoding (llguidance: %s)", self.info.name, exc)
+            return
+        self._masks = mlx_grammar.StepMasks(width, (self._grammars.tokenizer.vocab_size + 31) // 32)
+        self.info.structured_output = True
 
     def _refuse_until_stopped(self) -> None:
         """Given up: answer whatever still reaches the inbox (sent just before the state changed) until close()."""
@@ -515,6 +557,8 @@ class MLXEngine(Engine):
     def _serve(self) -> None:
         """Run one BatchGenerator until close() (returns) or a failure nobody can be blamed for (raises)."""
         self._stepped = False
+        if self._masks is not None:
+            self._masks.reset()
         eos = [[t] for t in sorted(self._tokenizer.eos_token_ids)]
         generator = BatchGenerator(
             self._model,
@@ -615,6 +659,10 @@ class MLXEngine(Engine):
                 frequency_penalty=sampling.frequency_penalty,
             )
         ]
+        if sequence.matcher is not None:  # the grammar's hooks: first processor, and the sampler around the row's
+            feed, sample = self._masks.hooks(sequence.matcher, sampler.fn)
+            sampler = _Guarded(sample, sampler=True)
+            processors.insert(0, _Guarded(feed, sampler=False))
         detokenizer = self._tokenizer.detokenizer
         cache, rest = self._prefixes.fetch(sequence.prompt)
         cached = len(sequence.prompt) - len(rest)

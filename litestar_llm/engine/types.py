@@ -94,6 +94,23 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     json_schema: dict[str, Any] | None = None
     """Constrain the output to JSON that matches this JSON schema (the schema itself: OpenAI's
     `response_format.json_schema.schema`, Ollama's `format` object). Wins over `json_object`."""
+    regex: str | None = None
+    """Constrain the output to this regular expression (vLLM's `structured_outputs.regex`)."""
+    choice: list[str] | None = None
+    """Constrain the output to exactly one of these strings (vLLM's `structured_outputs.choice`)."""
+    grammar: str | None = None
+    """Constrain the output to this grammar in Lark syntax (vLLM's `structured_outputs.grammar`)."""
+
+    @property
+    def constrained(self) -> bool:
+        """Decoding must follow a grammar: JSON, a schema, a regex, a choice or a Lark grammar."""
+        return (
+            self.json_object
+            or self.json_schema is not None
+            or self.regex is not None
+            or self.choice is not None
+            or self.grammar is not None
+        )
 
 
 class GenerationRequest(msgspec.Struct, kw_only=True):

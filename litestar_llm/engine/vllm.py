@@ -710,6 +710,12 @@ def _structured_outputs(s: Any) -> Any:
         return StructuredOutputsParams(json=s.json_schema)
     if s.json_object:
         return StructuredOutputsParams(json_object=True)
+    if s.regex is not None:
+        return StructuredOutputsParams(regex=s.regex)
+    if s.choice is not None:
+        return StructuredOutputsParams(choice=s.choice)
+    if s.grammar is not None:
+        return StructuredOutputsParams(grammar=s.grammar)
     return None
 
 

@@ -17,6 +17,7 @@ from litestar_llm.dialects.anthropic.routes import models_answer
 from litestar_llm.dialects.openai import wire
 from litestar_llm.dialects.openai.errors import decode_body, exception_handlers, sse_error
 from litestar_llm.dialects.openai.translate import (
+    STRUCTURED_NAMES,
     chat_request,
     completion_logprobs,
     completion_requests,
@@ -35,7 +36,7 @@ SSE = "text/event-stream"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
 encode = wire.encoder.encode
-_COMPLETION_NAMES = {"logprobs": "logprobs", "messages": "prompt"}
+_COMPLETION_NAMES = {"logprobs": "logprobs", "messages": "prompt", **STRUCTURED_NAMES}
 
 
 def _json(obj: msgspec.Struct, status_code: int = 200) -> Response[bytes]:

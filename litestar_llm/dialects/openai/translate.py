@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 
 from msgspec import UNSET
 
 from litestar_llm.config import ModelConfig
-from litestar_llm.dialects.common import arguments_text
+from litestar_llm.dialects.common import arguments_text, strict_schema
 from litestar_llm.dialects.openai import wire
 from litestar_llm.engine.base import ModelInfo
 from litestar_llm.engine.types import (
@@ -106,7 +107,12 @@ def tool_choice_of(choice: str | wire.NamedToolChoice | None) -> ToolChoice:
 def param_name(field: str) -> str:
     """The engine's field names as the chat completions API spells them."""
     field = _TOOLS_FIELD.sub(r"tools[\1].function.\2", field)
-    return {"logprobs": "top_logprobs", "tool_name": "name"}.get(field, field).replace(".tool_name", ".name")
+    return {"logprobs": "top_logprobs", "tool_name": "name", **STRUCTURED_NAMES}.get(field, field).replace(
+        ".tool_name", ".name"
+    )
+
+
+STRUCTURED_NAMES = {f: f"structured_outputs.{f}" for f in ("regex", "choice", "grammar")}
 
 
 _TOOLS_FIELD = re.compile(r"^tools\[(\d+)\]\.(name|parameters)$")
@@ -119,8 +125,7 @@ def chat_request(body: wire.ChatCompletionRequest) -> Callable[[ModelConfig, Mod
     tools = tools_of(body.tools)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not UNSET else body.max_tokens
     sent = sent_sampling(body, max_tokens=max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
-    if body.response_format is not None and body.response_format.type != "text":
-        sent.update(_constraint(body.response_format))
+    sent.update(constraint(body))
     kwargs = body.chat_template_kwargs or {}
     thinking = kwargs.get("enable_thinking")
 
@@ -142,16 +147,56 @@ def chat_request(body: wire.ChatCompletionRequest) -> Callable[[ModelConfig, Mod
     return build
 
 
-def _constraint(response_format: wire.ResponseFormat) -> dict:
+def constraint(body: wire.Request) -> dict:
+    """`response_format` (a strict schema admits no properties it does not name), or vLLM's
+    `structured_outputs`: the engine's constraint fields."""
+    so = body.structured_outputs
+    if so is not None:
+        if so.structural_tag is not None:
+            raise InvalidRequestError(
+                "structured_outputs.structural_tag: not supported by this server", param="structured_outputs"
+            )
+        given = {k: getattr(so, k) for k in ("json", "regex", "choice", "grammar", "json_object")}
+        given = {k: v for k, v in given.items() if v is not None and v is not False}
+        if len(given) > 1:
+            raise InvalidRequestError(
+                "structured_outputs: set exactly one of json, regex, choice, grammar, json_object "
+                f"(got {', '.join(given)})",
+                param="structured_outputs",
+            )
+        if body.response_format is not None and body.response_format.type != "text" and given:
+            raise InvalidRequestError(
+                "structured_outputs: response_format constrains the output already", param="structured_outputs"
+            )
+        if "json" in given:
+            schema = given.pop("json")
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as exc:
+                    raise InvalidRequestError(
+                        f"structured_outputs.json: not JSON: {exc}", param="structured_outputs.json"
+                    ) from None
+            if not isinstance(schema, dict):
+                raise InvalidRequestError(
+                    "structured_outputs.json: a JSON schema object is required", param="structured_outputs.json"
+                )
+            given["json_schema"] = schema
+        if given:
+            return given
+    response_format = body.response_format
+    if response_format is None or response_format.type == "text":
+        return {}
     if response_format.type == "json_object":
         return {"json_object": True}
-    schema = (response_format.json_schema or {}).get("schema")
+    spec = response_format.json_schema or {}
+    schema = spec.get("schema")
     if not isinstance(schema, dict):
         raise InvalidRequestError(
             "response_format.json_schema.schema: a JSON schema object is required",
             param="response_format.json_schema.schema",
         )
-    return {"json_schema": schema}
+    return {"json_schema": strict_schema(schema) if spec.get("strict") is True else schema}
 
 
 def completion_requests(body: wire.CompletionRequest) -> Callable[[ModelConfig, ModelInfo], list[GenerationRequest]]:
@@ -161,7 +206,7 @@ def completion_requests(body: wire.CompletionRequest) -> Callable[[ModelConfig, 
     if body.echo and body.logprobs is not None:
         raise InvalidRequestError("echo with logprobs is not supported by this server", param="echo")
     prompts = _prompts(body.prompt)
-    sent = sent_sampling(body, max_tokens=body.max_tokens, logprobs=body.logprobs)
+    sent = sent_sampling(body, max_tokens=body.max_tokens, logprobs=body.logprobs) | constraint(body)
 
     def build(model: ModelConfig, _info: ModelInfo) -> list[GenerationRequest]:
         # OpenAI's default for /v1/completions is 16 tokens; a model default, if declared, wins over it.

@@ -36,6 +36,18 @@ class Request(Struct, kw_only=True):
     seed: int | UnsetType | None = UNSET
     n: ChoiceCount = 1
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    """vLLM's extension: exactly one of json, regex, choice, grammar (Lark), json_object."""
+
+
+class StructuredOutputs(Struct, kw_only=True):
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: Any = None
 
 
 class StreamOptions(Struct, kw_only=True):
@@ -100,7 +112,6 @@ class ChatCompletionRequest(Request, kw_only=True):
     max_completion_tokens: MaxTokens | UnsetType | None = UNSET
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
-    response_format: ResponseFormat | None = None
     tools: list[ToolSpec] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 import msgspec
 
 from litestar_llm.config import ModelConfig
-from litestar_llm.dialects.common import arguments_text
+from litestar_llm.dialects.common import arguments_text, strict_schema
 from litestar_llm.dialects.responses import wire
 from litestar_llm.engine.base import ModelInfo
 from litestar_llm.engine.types import (
@@ -125,7 +124,7 @@ def _sent(body: wire.CreateResponse) -> dict[str, object]:
     if fmt.type == "json_object":
         sent["json_object"] = True
     elif fmt.type == "json_schema":
-        sent["json_schema"] = fmt.schema
+        sent["json_schema"] = strict_schema(fmt.schema) if fmt.strict is True else fmt.schema
     return sent
 
 
