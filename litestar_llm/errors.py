@@ -101,10 +101,13 @@ class UpstreamError(LitestarLLMError):
     """A remote replica (an `openai` backend) refused the request: the client gets the upstream's own status and
     message, in its dialect's shape."""
 
-    def __init__(self, status_code: int, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status_code: int, message: str, headers: dict[str, str] | None = None, param: str | None = None
+    ) -> None:
         self.status_code = status_code
         self.message = message
         self.headers = headers or {}
+        self.param = param
         super().__init__(message)
 
 

@@ -17,6 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # examples/ is a folder of scripts, importable from the repository root
 
+from agent_fixtures import agent_model  # noqa: E402, F401  (the tool-calling, thinking test model)
+
 from examples.make_tiny_model import make_tiny_model  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -149,6 +149,7 @@ class _Usage(msgspec.Struct):
 class _Error(msgspec.Struct):
     message: str = ""
     code: int | str | None = None
+    param: str | None = None
 
 
 class _Event(msgspec.Struct):
@@ -629,7 +630,8 @@ class RemoteEngine(Engine):
     async def _refusal(self, replica: _Replica, response: aiohttp.ClientResponse) -> Exception:
         """A 5xx may be the replica's fault; a 4xx is the request's own and goes to the client as it is."""
         status = response.status
-        message = _error_message(await response.read(), response.reason or str(status))
+        body = await response.read()
+        message = _error_message(body, response.reason or str(status))
         if status >= 500:
             return _ReplicaFailed(f"{status} {message}")
         headers = {k: v for k in _PASSED_HEADERS if (v := response.headers.get(k)) is not None}
@@ -639,7 +641,7 @@ class RemoteEngine(Engine):
                 self.backend_name, message,
             )  # fmt: skip
             return UpstreamError(502, f"the upstream refused this server's credentials: {message}")
-        return UpstreamError(status, message, headers)
+        return UpstreamError(status, message, headers, param=_error_param(body))
 
     async def _deltas(
         self, response: aiohttp.ClientResponse, started: float, want_logprobs: bool
@@ -837,6 +839,15 @@ def _error_message(body: bytes, fallback: str) -> str:
     return fallback
 
 
+def _error_param(body: bytes) -> str | None:
+    """The request field an OpenAI-shaped refusal names, passed on so the client learns which of its fields."""
+    try:
+        parsed = _decode_error(body)
+    except msgspec.MsgspecError:
+        return None
+    return parsed.error.param if isinstance(parsed.error, _Error) else None
+
+
 def _stream_error(error: _Error | str) -> Exception:
     """An error event after the upstream's stream began. vLLM puts the HTTP status it means in `code`: a 4xx is the
     request's fault and reaches the client as it is; anything else (a 5xx, this server's string codes) may be the
@@ -845,5 +856,5 @@ def _stream_error(error: _Error | str) -> Exception:
         return _ReplicaFailed(error)
     message = error.message or "the upstream failed"
     if isinstance(error.code, int) and 400 <= error.code < 500:
-        return UpstreamError(error.code, message)
+        return UpstreamError(error.code, message, param=error.param)
     return _ReplicaFailed(f"{error.code} {message}" if isinstance(error.code, int) else message)

@@ -144,11 +144,27 @@ def _message(message: wire.Message, index: int, turn: int) -> ChatMessage:
     )
 
 
+def _link_results(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """Ollama's tool results name their function, not a call: each gets the id of the earliest call to that function
+    (or, unnamed, the earliest call) of the assistant turn before it not yet answered. OpenAI-style upstreams and
+    chat templates pair results with calls by these ids."""
+    pending: list[ToolCall] = []
+    for message in messages:
+        if message.role == "assistant" and message.tool_calls:
+            pending = list(message.tool_calls)
+        elif message.role == "tool" and message.tool_call_id is None:
+            call = next((c for c in pending if message.name in (None, c.name)), None)
+            if call is not None:
+                pending.remove(call)
+                message.tool_call_id = call.id
+    return messages
+
+
 def chat_request(body: wire.ChatRequest) -> Builder:
     if any(m.images for m in body.messages):
         raise InvalidRequestError("images are not supported by this server")
     sent = _sent(body.options, body.logprobs, body.top_logprobs) | _format(body.format)
-    messages = [_message(m, i, i) for i, m in enumerate(body.messages)]
+    messages = _link_results([_message(m, i, i) for i, m in enumerate(body.messages)])
     tools = [
         Tool(
             name=t.function.name,
