@@ -151,13 +151,19 @@ def test_thinking_is_separated_and_switched_off(client) -> None:
     )
 
 
-def test_tool_choice_none_offers_no_tools_and_forcing_needs_constrained_decoding(client) -> None:
+def test_tool_choice_none_required_and_named(client) -> None:
     none = chat(client, "weather_paris", tool_choice="none")
     assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason != "tool_calls"
-    for forced in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        with pytest.raises(openai.BadRequestError) as refused:
-            chat(client, "weather_paris", tool_choice=forced)
-        assert refused.value.body["param"] == "tool_choice"
+    # both tools offered; forcing the one the question does not ask for shows the choice is really forced
+    named = chat(client, "weather_berlin", tool_choice={"type": "function", "function": {"name": "get_time"}})
+    schemas.openai("CreateChatCompletionResponse", sent(named))
+    [call] = named.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and set(json.loads(call.function.arguments)) <= {"city"}
+    assert named.choices[0].finish_reason == "tool_calls"
+    required = chat(client, "hello", tools=TOOLS, tool_choice="required")  # a chat the model answers without tools
+    calls = required.choices[0].message.tool_calls
+    assert calls and {c.function.name for c in calls} <= {"get_weather", "get_time"}
+    assert all(isinstance(json.loads(c.function.arguments), dict) for c in calls)
 
 
 def test_tool_messages_count_in_prompt_tokens(client, agent_model) -> None:
