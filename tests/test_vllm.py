@@ -271,6 +271,22 @@ def test_json_schema_output(vllm_server: Server) -> None:
     jsonschema.validate(json.loads(text), schema)
 
 
+def test_structured_outputs_extension(client: openai.OpenAI) -> None:
+    """vLLM's own request extension passes through: regex, choice and a Lark grammar, on chat and completions."""
+    import re
+
+    regex = client.completions.create(
+        model="tiny", prompt="A code:", max_tokens=50, extra_body={"structured_outputs": {"regex": "[0-9]{3}-[a-z]{2}"}}
+    )
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", regex.choices[0].text), regex.choices[0].text
+    choice = greedy_chat(client, extra_body={"structured_outputs": {"choice": ["yes", "no", "maybe"]}})
+    assert choice.choices[0].message.content in ("yes", "no", "maybe")
+    lark = 'start: "(" NUM ("+" NUM)* ")"\nNUM: /[1-9]/'
+    grammar = greedy_chat(client, max_tokens=60, extra_body={"structured_outputs": {"grammar": lark}})
+    text = grammar.choices[0].message.content
+    assert grammar.choices[0].finish_reason == "length" or re.fullmatch(r"\([1-9](\+[1-9])*\)", text), text
+
+
 def test_disconnect_aborts_the_generation(vllm_server: Server) -> None:
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 900, "temperature": 0, "stream": True}
     before = vllm_server.stats()
