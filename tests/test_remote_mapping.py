@@ -262,6 +262,30 @@ def test_plain_request_sends_no_agent_fields() -> None:
         assert field not in body
 
 
+def test_constraints_are_sent_as_response_format_or_structured_outputs() -> None:
+    """JSON constraints go as OpenAI's response_format; regex, choice and grammar as vLLM's structured_outputs."""
+
+    async def main() -> list[dict]:
+        async with RecordedUpstream() as upstream:
+            engine = engine_for(upstream)
+            await engine.start()
+            try:
+                for sampling in (
+                    SamplingParams(json_schema={"type": "object"}),
+                    SamplingParams(regex="[0-9]+"),
+                    SamplingParams(choice=["a", "b"]),
+                ):
+                    await collect(engine, hello(sampling=sampling))
+                return upstream.bodies[-3:]
+            finally:
+                await engine.close()
+
+    schema, regex, choice = run(main())
+    assert schema["response_format"]["json_schema"]["schema"] == {"type": "object"}
+    assert "structured_outputs" not in schema and "response_format" not in regex
+    assert regex["structured_outputs"] == {"regex": "[0-9]+"} and choice["structured_outputs"] == {"choice": ["a", "b"]}
+
+
 def test_stream_maps_reasoning_tool_calls_and_usage_details() -> None:
     async def main() -> list[Delta]:
         async with RecordedUpstream(TOOL_STREAM) as upstream:

@@ -596,6 +596,9 @@ class RemoteEngine(Engine):
             }
         elif s.json_object:
             body["response_format"] = {"type": "json_object"}
+        for name in ("regex", "choice", "grammar"):  # vLLM's extension, for upstreams that take it
+            if getattr(s, name) is not None:
+                body["structured_outputs"] = {name: getattr(s, name)}
         if request.messages is not None:
             body["messages"] = [_message(m) for m in request.messages]
             if s.logprobs is not None:
