@@ -11,10 +11,8 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException, MethodNotAllowedException, NotFoundException
 from litestar.exceptions.responses import create_exception_response
 from litestar.logging import LoggingConfig
-from litestar.openapi import OpenAPIConfig
 from litestar.plugins import PluginProtocol
 
-from litestar_llm import __version__
 from litestar_llm.config import Settings
 from litestar_llm.dialects.anthropic import AnthropicRoutesPlugin
 from litestar_llm.dialects.ollama import OllamaRoutesPlugin
@@ -24,10 +22,12 @@ from litestar_llm.engine.registry import EngineRegistryPlugin
 from litestar_llm.errors import ConfigError
 from litestar_llm.limits import BodyReadTimeout
 from litestar_llm.plugins.auth import AuthPlugin
+from litestar_llm.plugins.docs import DocsPlugin
 from litestar_llm.plugins.health import HealthPlugin
 from litestar_llm.plugins.state import StatePlugin
 from litestar_llm.plugins.telemetry import TelemetryPlugin
 from litestar_llm.plugins.telemetry.access import AccessLogMiddleware, log_access
+from litestar_llm.plugins.ui import UIPlugin
 
 
 def load_plugin(target: str, index: int) -> PluginProtocol:
@@ -85,13 +85,17 @@ def create_app(settings: Settings, *, load_in_background: bool = False) -> Lites
     """`load_in_background=True` (the server's, see `app_from_environment`) lets start-up finish, and the port
     answer, while the models load; by default start-up waits for them, as in-process callers (a TestClient) expect."""
     state = StatePlugin(settings.state)
+    telemetry = TelemetryPlugin(settings.telemetry, status_reader=settings.routes.ui)
     plugins: list[PluginProtocol] = [
-        TelemetryPlugin(settings.telemetry),  # first: its middleware sees requests that auth refuses
+        telemetry,  # first: its middleware sees requests that auth refuses
         state,
         AuthPlugin(settings, state.windows),
         EngineRegistryPlugin(settings, background=load_in_background),
         HealthPlugin(),
+        DocsPlugin(),
     ]
+    if settings.routes.ui:
+        plugins.append(UIPlugin(settings, telemetry.status_reader))
     if settings.routes.openai:
         plugins.append(OpenAIRoutesPlugin())
     if settings.routes.ollama:
@@ -112,7 +116,6 @@ def create_app(settings: Settings, *, load_in_background: bool = False) -> Lites
         state=State({"access_log": settings.server.access_log}),
         request_max_body_size=settings.server.max_request_bytes,
         cors_config=CORSConfig(allow_origins=settings.server.cors_origins) if settings.server.cors_origins else None,
-        openapi_config=OpenAPIConfig(title="litestar-llm", version=__version__, path="/docs"),
         logging_config=LoggingConfig(
             root={"level": level, "handlers": ["queue_listener"]},
             loggers={"litestar_llm": {"level": level, "propagate": True}},

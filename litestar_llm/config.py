@@ -76,6 +76,8 @@ class RoutesConfig(Section):
     """/v1/responses: OpenAI's Responses API, with stored responses kept in [state]"""
     anthropic: bool = False
     """POST /v1/messages, /v1/messages/count_tokens"""
+    ui: bool = True
+    """GET /ui: a status page and chat playground for people, and GET /ui/status, its figures as JSON ([ui])"""
 
 
 class MLXBackendConfig(Section, tag="mlx", tag_field="kind"):
@@ -177,6 +179,8 @@ class APIKey(Section):
     """Models this key may use; others answer 404 as if absent. Omitted: every model."""
     rate_limit: str | None = None
     """A [rate_limits.*] policy; omitted: unlimited."""
+    admin: bool = False
+    """The status page (/ui, /ui/status) shows this key every key's tokens and requests; other keys see their own."""
 
     def __post_init__(self) -> None:
         if (self.key is None) == (self.key_sha256 is None):
@@ -218,6 +222,14 @@ class TelemetryConfig(Section):
     """A server span per request and an inference span per generation (exported over OTLP)."""
     sample_ratio: Annotated[float, Meta(ge=0.0, le=1.0)] = 1.0
     """Share of traces kept, parent-based: a client's sampled traceparent is always followed."""
+
+
+class UIConfig(Section):
+    """The status page's figures: read from the telemetry's instruments every `sample_s`, kept for `window_s`."""
+
+    sample_s: Annotated[float, Meta(ge=0.5, le=60)] = 2.0
+    window_s: Annotated[float, Meta(ge=60, le=86400)] = 900.0
+    """Latency percentiles and charts cover this much of the past (15 minutes)."""
 
 
 class SamplingDefaults(Section):
@@ -264,6 +276,7 @@ class Settings(Section):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     rate_limits: dict[str, RateLimitPolicy] = {}
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+    ui: UIConfig = msgspec.field(default_factory=UIConfig)
 
 
 # Tables keyed by a user-chosen name: validated entry by entry so errors name the key (`backends.local.kind`).

@@ -128,6 +128,8 @@ def dialect_routes(server: Server) -> list[tuple[str, str]]:
     for route in app.routes:
         if route.path in ("/health", "/ready") or route.path.startswith("/docs"):
             continue
+        if all(h.opt.get("public_asset") for h in route.route_handlers if h.http_methods != {"OPTIONS"}):
+            continue  # the status page and the docs' files: a browser loads them before it has a key
         path = re.sub(r"\{[^}]+\}", "tiny", route.path)
         routes += [(method, path) for method in sorted(route.methods) if method not in ("OPTIONS", "HEAD")]
     return routes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import msgspec
 
@@ -65,3 +66,13 @@ def strict_schema(schema: dict) -> dict:
         return out
 
     return walk(schema)
+
+
+def wire_bodies(
+    request: Any = None, response: Any = None, stream: Any = None, stream_media: str = "text/event-stream"
+) -> dict[str, Any]:
+    """A route's `opt` naming the wire Structs it decodes and encodes, for /docs (plugins/docs): the handler keeps
+    reading its raw body and decoding it with msgspec, so documenting it costs nothing per request. `stream` is
+    what each event of a streamed answer holds (a Struct, or a tuple of the Structs it may be), sent as
+    `stream_media`."""
+    return {"wire_bodies": {"request": request, "response": response, "stream": stream, "stream_media": stream_media}}

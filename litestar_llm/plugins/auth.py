@@ -62,7 +62,18 @@ def presented_key(scope: Scope) -> str | None:
 
 
 UNMETERED_PATHS = frozenset(
-    {"/health", "/ready", "/metrics", "/", "/v1/models", "/api/tags", "/api/ps", "/api/show", "/api/version"}
+    {
+        "/health",
+        "/ready",
+        "/metrics",
+        "/ui/status",
+        "/",
+        "/v1/models",
+        "/api/tags",
+        "/api/ps",
+        "/api/show",
+        "/api/version",
+    }
 )
 """Health, model listings and metrics: authenticated like everything else, but never counted against a key's
 requests_per_minute (a client that lists models before each call, or a dashboard, must not use up its budget)."""
@@ -74,6 +85,8 @@ def unmetered(path: str) -> bool:
 
 class AuthMiddleware(ASGIMiddleware):
     scopes = (ScopeType.HTTP,)
+    exclude_opt_key = "public_asset"
+    """Routes with this opt are files a browser loads before it has a key (the status page, the docs' scripts)."""
 
     def __init__(self, entries: list[KeyEntry], public_paths: list[str], windows: Windows, fail_open: bool) -> None:
         self.entries, self.public, self.windows, self.fail_open = entries, frozenset(public_paths), windows, fail_open

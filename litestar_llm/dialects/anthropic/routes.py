@@ -17,6 +17,7 @@ from litestar.di import NamedDependency, Provide
 from litestar_llm.dialects.anthropic import wire
 from litestar_llm.dialects.anthropic.errors import decode_body, exception_handlers, handle, sse_error
 from litestar_llm.dialects.anthropic.translate import Blocks, messages_request, sse, stop_reason
+from litestar_llm.dialects.common import wire_bodies
 from litestar_llm.engine.base import Engine
 from litestar_llm.engine.registry import EngineRegistry
 from litestar_llm.engine.types import Delta, GenerationRequest
@@ -32,6 +33,15 @@ COUNT_WAIT_S = 1.0
 """How long message_start waits, after the first token, for the prompt's token count (counted while the prompt is
 prefilled); past it, message_start says 0 and message_delta carries the real figure."""
 encode = wire.encoder.encode
+STREAM_EVENTS = (
+    wire.MessageStart,
+    wire.Ping,
+    wire.ContentBlockStart,
+    wire.ContentBlockStop,
+    wire.MessageDelta,
+    wire.MessageStop,
+)
+"""What a streamed message's events hold (documented in /docs; content_block_delta is built in translate.sse)."""
 _PING = sse(wire.Ping())
 _STOP = sse(wire.MessageStop())
 
@@ -40,7 +50,7 @@ def _json(obj: msgspec.Struct) -> Response[bytes]:
     return Response(encode(obj), media_type=JSON)
 
 
-@post("/v1/messages", status_code=200)
+@post("/v1/messages", status_code=200, opt=wire_bodies(wire.MessagesRequest, wire.MessageResponse, STREAM_EVENTS))
 async def create_message(request: Request, serving: NamedDependency[Serving]) -> Response:
     body = decode_body(await request.body(), wire.MessagesRequest)
     build, names = messages_request(body)
@@ -130,7 +140,7 @@ async def _events(
     yield blocks.finish() + sse(end) + _STOP
 
 
-@post("/v1/messages/count_tokens", status_code=200)
+@post("/v1/messages/count_tokens", status_code=200, opt=wire_bodies(wire.PromptRequest, wire.CountTokensResponse))
 async def count_tokens(request: Request, serving: NamedDependency[Serving]) -> Response:
     """The prompt's length in tokens, exactly as `POST /v1/messages` would report it in `usage.input_tokens`: the
     same request is built and checked, and the engine counts it; an engine that cannot count (a remote replica

@@ -13,6 +13,7 @@ from litestar import Request, Response, Router, delete, get, head, post
 from litestar.di import NamedDependency, Provide
 
 from litestar_llm import __version__
+from litestar_llm.dialects.common import wire_bodies
 from litestar_llm.dialects.ollama import wire
 from litestar_llm.dialects.ollama.errors import decode_body, exception_handlers, ndjson_error
 from litestar_llm.dialects.ollama.translate import (
@@ -94,7 +95,11 @@ def _load_answer(cls: type, model: str, keep_alive: object, **fields: object) ->
     return _json(cls(model=model, created_at=now(), done=True, done_reason=reason, load_duration=0, **fields))
 
 
-@post("/api/generate", status_code=200)
+@post(
+    "/api/generate",
+    status_code=200,
+    opt=wire_bodies(wire.GenerateRequest, wire.GenerateChunk, wire.GenerateChunk, NDJSON),
+)
 async def generate(request: Request, serving: NamedDependency[Serving]) -> Response:
     started = time.perf_counter()
     body = decode_body(await request.body(), wire.GenerateRequest)
@@ -132,7 +137,7 @@ async def generate(request: Request, serving: NamedDependency[Serving]) -> Respo
     return _json(answer)
 
 
-@post("/api/chat", status_code=200)
+@post("/api/chat", status_code=200, opt=wire_bodies(wire.ChatRequest, wire.ChatChunk, wire.ChatChunk, NDJSON))
 async def chat(request: Request, serving: NamedDependency[Serving]) -> Response:
     started = time.perf_counter()
     body = decode_body(await request.body(), wire.ChatRequest)
@@ -195,14 +200,14 @@ async def _lines(
 # -- embeddings ---------------------------------------------------------------------------------------------
 
 
-@post("/api/embed", status_code=200)
+@post("/api/embed", status_code=200, opt=wire_bodies(wire.EmbedRequest))
 async def embed(request: Request, serving: NamedDependency[Serving]) -> Response:
     body = decode_body(await request.body(), wire.EmbedRequest)
     engine, _ = serving.resolve(body.model, resolve)
     raise _cannot_embed(engine)
 
 
-@post("/api/embeddings", status_code=200)
+@post("/api/embeddings", status_code=200, opt=wire_bodies(wire.EmbeddingsRequest))
 async def embeddings(request: Request, serving: NamedDependency[Serving]) -> Response:
     body = decode_body(await request.body(), wire.EmbeddingsRequest)
     engine, _ = serving.resolve(body.model, resolve)
@@ -225,7 +230,7 @@ async def _digest(engine: Engine) -> str:
     return await asyncio.to_thread(weights_digest, str(source), engine.info.modified_at or 0.0)
 
 
-@get("/api/tags")
+@get("/api/tags", opt=wire_bodies(response=wire.ListResponse))
 async def tags(registry: NamedDependency[EngineRegistry]) -> Response[bytes]:
     models = []
     for name, engine in registry:
@@ -248,7 +253,7 @@ async def tags_head() -> Response[None]:
     return Response(None, media_type="application/json")
 
 
-@get("/api/ps")
+@get("/api/ps", opt=wire_bodies(response=wire.PsResponse))
 async def ps(registry: NamedDependency[EngineRegistry]) -> Response[bytes]:
     running = []
     for name, engine in registry:
@@ -270,7 +275,7 @@ async def ps(registry: NamedDependency[EngineRegistry]) -> Response[bytes]:
     return _json(wire.PsResponse(models=running))
 
 
-@post("/api/show", status_code=200)
+@post("/api/show", status_code=200, opt=wire_bodies(wire.ModelRequest, wire.ShowResponse))
 async def show(request: Request, registry: NamedDependency[EngineRegistry]) -> Response[bytes]:
     body = decode_body(await request.body(), wire.ModelRequest)
     if not body.model_name:
@@ -303,7 +308,7 @@ async def show(request: Request, registry: NamedDependency[EngineRegistry]) -> R
 STORE_MESSAGE = "models are declared in server.toml ([[models]]), not managed through the API"
 
 
-@post("/api/pull", status_code=200)
+@post("/api/pull", status_code=200, opt=wire_bodies(wire.ModelRequest))
 async def pull(request: Request, registry: NamedDependency[EngineRegistry]) -> Response[bytes]:
     """Pulling a model that is already declared succeeds (clients pull before use); anything else says why not."""
     body = decode_body(await request.body(), wire.ModelRequest)

@@ -14,6 +14,7 @@ from litestar.params import FromPath
 from msgspec import UNSET
 
 from litestar_llm.dialects.anthropic.routes import models_answer
+from litestar_llm.dialects.common import wire_bodies
 from litestar_llm.dialects.openai import wire
 from litestar_llm.dialects.openai.errors import decode_body, exception_handlers, sse_error
 from litestar_llm.dialects.openai.translate import (
@@ -47,7 +48,7 @@ def _sse(obj: msgspec.Struct) -> bytes:
     return b"data: " + encode(obj) + b"\n\n"
 
 
-@get("/v1/models")
+@get("/v1/models", opt=wire_bodies(response=wire.ModelList))
 async def list_models(request: Request, registry: NamedDependency[EngineRegistry]) -> Response[bytes]:
     if (anthropic := models_answer(request, registry)) is not None:  # a client that sent anthropic-version
         return anthropic
@@ -55,7 +56,7 @@ async def list_models(request: Request, registry: NamedDependency[EngineRegistry
     return _json(wire.ModelList(data=data))
 
 
-@get("/v1/models/{model_id:path}")
+@get("/v1/models/{model_id:path}", opt=wire_bodies(response=wire.Model))
 async def get_model(
     request: Request, model_id: FromPath[str], registry: NamedDependency[EngineRegistry]
 ) -> Response[bytes]:
@@ -76,7 +77,11 @@ def _message(choice: Choice, reasoning: bool) -> wire.AssistantMessage:
     return message
 
 
-@post("/v1/chat/completions", status_code=200)
+@post(
+    "/v1/chat/completions",
+    status_code=200,
+    opt=wire_bodies(wire.ChatCompletionRequest, wire.ChatCompletion, wire.ChatCompletionChunk),
+)
 async def chat_completions(request: Request, serving: NamedDependency[Serving]) -> Response:
     body = decode_body(await request.body(), wire.ChatCompletionRequest)
     generation = await serving.generate(request, body.model, chat_request(body), names=param_name)
@@ -146,7 +151,7 @@ async def _chat_chunks(
     yield DONE
 
 
-@post("/v1/completions", status_code=200)
+@post("/v1/completions", status_code=200, opt=wire_bodies(wire.CompletionRequest, wire.Completion, wire.Completion))
 async def completions(request: Request, serving: NamedDependency[Serving]) -> Response:
     body = decode_body(await request.body(), wire.CompletionRequest)
     generation = await serving.generate(request, body.model, completion_requests(body), names=_COMPLETION_NAMES)

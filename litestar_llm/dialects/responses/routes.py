@@ -12,6 +12,7 @@ from litestar import Request, Response, Router, delete, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath
 
+from litestar_llm.dialects.common import wire_bodies
 from litestar_llm.dialects.openai import wire as openai_wire
 from litestar_llm.dialects.openai.errors import decode_body, error_body, handle
 from litestar_llm.dialects.responses import wire
@@ -37,6 +38,19 @@ from litestar_llm.serving import Generation, Serving, provide_serving, total_usa
 JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 encode = wire.encoder.encode
+STREAM_EVENTS = (
+    wire.ResponseEvent,
+    wire.OutputItemEvent,
+    wire.ContentPartEvent,
+    wire.TextDeltaEvent,
+    wire.TextDoneEvent,
+    wire.ArgumentsDeltaEvent,
+    wire.ArgumentsDoneEvent,
+    wire.ReasoningDeltaEvent,
+    wire.ReasoningDoneEvent,
+    wire.ErrorEvent,
+)
+"""What a streamed response's events hold (documented in /docs)."""
 
 
 class EventWriter:
@@ -56,7 +70,7 @@ class EventWriter:
         return self(wire.ErrorEvent(code=error.code, message=error.message, param=error.param))
 
 
-@post("/v1/responses", status_code=200)
+@post("/v1/responses", status_code=200, opt=wire_bodies(wire.CreateResponse, wire.Response, STREAM_EVENTS))
 async def create_response(
     request: Request, serving: NamedDependency[Serving], responses: NamedDependency[ResponseStore]
 ) -> Response:
@@ -247,7 +261,7 @@ async def response_events(
     yield events(wire.ResponseEvent(type=f"response.{done.status}", response=done))  # completed or incomplete
 
 
-@get("/v1/responses/{response_id:str}")
+@get("/v1/responses/{response_id:str}", opt=wire_bodies(response=wire.Response))
 async def retrieve_response(response_id: FromPath[str], responses: NamedDependency[ResponseStore]) -> Response:
     record = await responses.get(response_id)
     if record is None:
@@ -255,7 +269,7 @@ async def retrieve_response(response_id: FromPath[str], responses: NamedDependen
     return Response(bytes(record.response), media_type=JSON)
 
 
-@delete("/v1/responses/{response_id:str}", status_code=200)
+@delete("/v1/responses/{response_id:str}", status_code=200, opt=wire_bodies(response=wire.DeletedResponse))
 async def delete_response(response_id: FromPath[str], responses: NamedDependency[ResponseStore]) -> Response:
     if not await responses.delete(response_id):
         raise ResponseNotFoundError(f"Response with id '{response_id}' not found.")

@@ -72,6 +72,11 @@ class GenAIMetrics:
             unit="{request}",
             description="Requests refused before generation, by reason (auth, rate_limit, overload)",
         )
+        self.requests = meter.create_counter(
+            "litestar_llm.requests",
+            unit="{request}",
+            description="API requests answered, by dialect, status code and API key name",
+        )
         self.key_tokens = meter.create_counter(
             "litestar_llm.api_key.tokens", unit="{token}", description="Tokens used per API key name and token type"
         )

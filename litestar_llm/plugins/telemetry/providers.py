@@ -29,9 +29,11 @@ def otlp_endpoint(config: TelemetryConfig) -> str | None:
     return config.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
 
 
-def meter_provider(config: TelemetryConfig, registry: CollectorRegistry | None) -> MeterProvider | None:
-    """None when nothing would read the metrics."""
-    readers: list[MetricReader] = []
+def meter_provider(
+    config: TelemetryConfig, registry: CollectorRegistry | None, *extra: MetricReader
+) -> MeterProvider | None:
+    """None when nothing would read the metrics. `extra`: readers of this process's own (the status page's)."""
+    readers: list[MetricReader] = list(extra)
     if registry is not None:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
