@@ -4,7 +4,7 @@ and response body with the wire Structs' own JSON Schemas.
 Dialect handlers read their raw body and decode it with msgspec (fast, and errors in the dialect's own shape), so
 Litestar sees no `data` parameter to document. Each such route names its Structs in `opt` (`wire_bodies` in
 dialects/common.py); at start-up this plugin writes them into the document, with msgspec's schemas (exactly
-what the decoder accepts) under components/schemas, prefixed by dialect (`openai.ChatCompletionRequest`).
+what the decoder accepts) under components/schemas, prefixed by dialect (`OpenAI.ChatCompletionRequest`).
 """
 
 from __future__ import annotations
@@ -30,10 +30,15 @@ ASSETS_PATH = "/docs-assets"
 JSON = "application/json"
 
 
+PREFIXES = {"openai": "OpenAI"}
+"""Component names are prefixed by dialect (two dialects' `Usage` differ); Swagger UI capitalises them anyway."""
+
+
 def _prefix(type_: Any) -> str:
-    """`openai` for litestar_llm.dialects.openai.wire.X; the module's last part otherwise."""
+    """`OpenAI` for litestar_llm.dialects.openai.wire.X, `Ollama` for ...ollama.wire.X."""
     parts = getattr(type_, "__module__", "").split(".")
-    return parts[-2] if parts[-1] == "wire" and len(parts) > 1 else parts[-1]
+    name = parts[-2] if parts[-1] == "wire" and len(parts) > 1 else parts[-1]
+    return PREFIXES.get(name, name.title())
 
 
 def _schema_of(type_: Any, components: dict[str, Any]) -> dict[str, Any]:
@@ -45,7 +50,7 @@ def _schema_of(type_: Any, components: dict[str, Any]) -> dict[str, Any]:
     prefix = _prefix(members[0])
     (schema,), parts = msgspec.json.schema_components([type_], ref_template=f"#/components/schemas/{prefix}.{{name}}")
     for name, part in parts.items():
-        components.setdefault(f"{prefix}.{name}", part)
+        components.setdefault(f"{prefix}.{name}", {**part, "title": f"{prefix}.{name}"})
     return schema
 
 

@@ -94,6 +94,8 @@ def _add(reading: Reading, name: str, points: Any) -> None:
             if owner := attributes.get(KEY_NAME):
                 reading.keys.setdefault(owner, [0, 0, 0])[0] += point.value
         elif name == "litestar_llm.requests.rejected":
+            if attributes.get(DIALECT) == "other":  # /ready's 503 while loading, /ui/status without a key
+                continue
             reason = str(attributes.get("reason"))
             reading.rejected[reason] = reading.rejected.get(reason, 0) + point.value
         elif name == "litestar_llm.api_key.tokens":
@@ -206,7 +208,7 @@ class Sampler:
             },
             ttft_s=Percentiles(ttft.total, _round(ttft.quantile(0.5)), _round(ttft.quantile(0.95))),
             itl_s=Percentiles(itl.total, _round(itl.quantile(0.5)), _round(itl.quantile(0.95))),
-            series=_series(readings),
+            series=_series(readings[:-1] if len(readings) > 2 else readings),  # whole intervals only
         )
 
 
