@@ -215,6 +215,8 @@ def banner(settings: Settings) -> str:
         lines.append(f"  Ollama API      {url}  (/api/chat, /api/generate, ...)")
     if routes.anthropic:
         lines.append(f"  Anthropic API   {url}  (/v1/messages)")
+    if routes.ui:
+        lines.append(f"  Status page     {url}/ui  (playground; JSON: /ui/status)")
     lines.append(f"  API docs        {url}/docs")
     if settings.telemetry.prometheus:
         lines.append(f"  Metrics         {url}/metrics")
