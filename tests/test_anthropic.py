@@ -763,10 +763,35 @@ def _tools(case) -> list[dict]:
     ]
 
 
-@pytest.fixture(scope="module", params=["mlx", "vllm"])
+@pytest.fixture(scope="module", params=["mlx", "remote", "vllm"])
 def agent_backend(request, start_server, agent_model) -> tuple[str, anthropic.Anthropic]:
-    """The agent model over MLX (mlx-lm's parsers) and over vLLM's CPU build (vLLM's hermes and qwen3 parsers)."""
-    if request.param == "mlx":
+    """The agent model over MLX (mlx-lm's parsers), through a gateway (the remote backend) in front of an MLX
+    server, and over vLLM's CPU build (vLLM's hermes and qwen3 parsers)."""
+    if request.param == "remote":
+        upstream = start_server(
+            f"""
+            [routes]
+            openai = true
+            [backends.local]
+            kind = "mlx"
+            {model_toml(agent_model, name="agent")}
+            """
+        )
+        server = start_server(
+            f"""
+            [routes]
+            anthropic = true
+            [backends.fleet]
+            kind = "openai"
+            urls = ["{upstream.url}/v1"]
+            timeout_s = 60
+            [[models]]
+            name = "agent"
+            backend = "fleet"
+            source = "agent"
+            """
+        )
+    elif request.param == "mlx":
         server = start_server(
             f"""
             [routes]
