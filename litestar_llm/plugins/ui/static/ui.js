@@ -222,7 +222,8 @@ async function send(event) {
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(),
       body: JSON.stringify({ model: $("pg-model").value, messages: history, stream: true,
-        max_tokens: Number($("pg-max").value) || 256, stream_options: { include_usage: true } }),
+        max_tokens: Number($("pg-max").value) || 256, temperature: Number($("pg-temp").value),
+        stream_options: { include_usage: true } }),
     });
     if (!response.ok) throw new Error(`${response.status}: ${await errorText(response)}`);
     const reader = response.body.getReader();
