@@ -69,9 +69,9 @@ class RoutesConfig(Section):
     """API dialects (route sets) on or off; a route set that is off is not mounted at all."""
 
     openai: bool = True
-    """/v1/models, /v1/chat/completions, /v1/completions"""
+    """/v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings"""
     ollama: bool = False
-    """/, /api/generate, /api/chat, /api/tags, /api/show, /api/ps, /api/version, /api/embed"""
+    """/, /api/generate, /api/chat, /api/tags, /api/show, /api/ps, /api/version, /api/embed, /api/embeddings"""
     responses: bool = True
     """/v1/responses: OpenAI's Responses API, with stored responses kept in [state]"""
     anthropic: bool = False
@@ -102,6 +102,9 @@ class MLXBackendConfig(Section, tag="mlx", tag_field="kind"):
     4 x max_batch_size."""
     max_queue_wait_s: Annotated[float, Meta(gt=0)] = 60.0
     """A request that waited this long without a batch slot is dropped from the queue and answered 503."""
+    embed_batch_tokens: Positive = 8192
+    """An embedding model's forward pass holds this many padded tokens at most (inputs of many requests share
+    one); one pass runs between two decode steps."""
 
 
 class VLLMBackendConfig(Section, tag="vllm", tag_field="kind"):
@@ -263,6 +266,14 @@ class ModelConfig(Section):
     """vllm backend: which of vLLM's reasoning parsers (`--reasoning-parser`: qwen3, deepseek_r1, ...) separates
     the model's thinking from its answer. Omitted: detected from the chat template (`<think>` gets qwen3 where the
     template has an enable_thinking switch, else deepseek_r1); "" turns it off. Checked when the model loads."""
+    task: Literal["generate", "embed"] = "generate"
+    """What the model serves: text generation (chat, completions), or embeddings (`/v1/embeddings`, `/api/embed`).
+    A model serves one task; asked for the other, it answers 400."""
+    pooling: Literal["last", "mean", "cls"] | None = None
+    """task "embed": how the final hidden states of an input's tokens become one vector. Omitted: "last" on mlx
+    (decoder embedding models such as Qwen3-Embedding); on vllm, vLLM's own choice for the model."""
+    normalize: bool | None = None
+    """task "embed": scale each vector to unit length. Omitted: true on mlx; on vllm, vLLM's own choice."""
 
 
 class Settings(Section):
@@ -503,6 +514,7 @@ def _check_models(settings: Settings, base_dir: Path) -> None:
             if name in seen:
                 raise ConfigError(field, f"{name!r} is already used by {seen[name]}")
             seen[name] = where
+        _check_task(model, where, settings.backends[model.backend].kind)
         if settings.backends[model.backend].kind == "openai":
             continue  # the source is the upstream's model id, not a folder here
         if _is_local_path(model.source, base_dir):
@@ -510,6 +522,16 @@ def _check_models(settings: Settings, base_dir: Path) -> None:
             if not folder.is_dir():
                 raise ConfigError(f"{where}.source", _missing_folder(model.source, folder, base_dir))
             model.source = str(folder)
+
+
+def _check_task(model: ModelConfig, where: str, kind: str) -> None:
+    for field in ("pooling", "normalize"):
+        if getattr(model, field) is None:
+            continue
+        if model.task != "embed":
+            raise ConfigError(f"{where}.{field}", 'only for an embedding model (task = "embed")')
+        if kind == "openai":
+            raise ConfigError(f"{where}.{field}", "an openai backend's upstream pools and normalizes by itself")
 
 
 def read_toml(path: Path) -> dict:

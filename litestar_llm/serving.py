@@ -24,10 +24,12 @@ from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
 from litestar_llm.config import ModelConfig, SamplingDefaults
-from litestar_llm.engine.base import Engine, ModelInfo, generate_choices
+from litestar_llm.engine.base import Engine, ModelInfo, embed_inputs, generate_choices
 from litestar_llm.engine.registry import EngineRegistry
 from litestar_llm.engine.types import (
     Delta,
+    EmbeddingRequest,
+    Embeddings,
     GenerationRequest,
     NamedToolChoice,
     SamplingParams,
@@ -47,6 +49,8 @@ MAX_STOPS = 64
 MAX_STOP_CHARS = 8192
 MAX_TOP_LOGPROBS = 20
 MAX_CHOICES = 128
+MAX_INPUTS = 2048
+"""Inputs per embedding request (OpenAI's own limit)."""
 
 
 def sampling(sent: Mapping[str, Any], defaults: SamplingDefaults, fallback: Mapping[str, Any] | None = None):
@@ -161,6 +165,43 @@ def _check_tools(request: GenerationRequest, info: ModelInfo, refuse: Callable[[
             f"forcing a call needs constrained decoding, which the {info.backend} backend serving '{info.name}' "
             "does not support; use tool_choice 'auto'",
         )
+
+
+def check_task(config: ModelConfig, task: str) -> None:
+    """A model serves one task: asked for the other, a 400 naming the task it serves."""
+    if config.task == task:
+        return
+    served = "embeddings" if config.task == "embed" else "text generation"
+    wanted = "embeddings" if task == "embed" else "text generation"
+    raise InvalidRequestError(
+        f"model '{config.name}' serves {served} (task \"{config.task}\"), not {wanted}", param="model"
+    )
+
+
+def check_embedding_request(request: EmbeddingRequest, info: ModelInfo) -> None:
+    if not request.input:
+        raise InvalidRequestError("input: give at least one text or token-id list to embed", param="input")
+    if len(request.input) > MAX_INPUTS:
+        raise InvalidRequestError(f"input: at most {MAX_INPUTS} inputs, got {len(request.input)}", param="input")
+    for i, item in enumerate(request.input):
+        if not item:
+            raise InvalidRequestError(f"input[{i}]: must not be empty", param=f"input[{i}]")
+    size, dimensions = info.embedding_size, request.dimensions
+    if dimensions is not None and (dimensions < 1 or (size and dimensions > size)):
+        limit = f"[1, {size}] (the model's embeddings have {size})" if size else ">= 1"
+        raise InvalidRequestError(f"dimensions: must be in {limit}, got {dimensions}", param="dimensions")
+
+
+def shortened(vectors: list[list[float]], dimensions: int | None) -> list[list[float]]:
+    """The first `dimensions` components of each vector, scaled back to unit length (Matryoshka embeddings)."""
+    if dimensions is None or all(len(v) <= dimensions for v in vectors):
+        return vectors
+    out = []
+    for vector in vectors:
+        head = vector[:dimensions]
+        norm = math.sqrt(math.fsum(x * x for x in head))
+        out.append([x / norm for x in head] if norm > 0 else head)
+    return out
 
 
 def _finite(value: float) -> bool:
@@ -340,6 +381,7 @@ class Serving:
         (for the dialect's error handler) when anything fails before that."""
         names = names or {}
         engine, config = self.resolve(model, resolver)
+        check_task(config, "generate")
         built = build(config, engine.info)
         requests = built if isinstance(built, list) else [built]
         for request in requests:
@@ -359,6 +401,24 @@ class Serving:
             await stream.aclose()
             raise
         return Generation(http, engine, config, requests, stream, first)
+
+    async def embed(
+        self,
+        http: Request,
+        model: str,
+        build: Callable[[ModelConfig, ModelInfo], EmbeddingRequest],
+        *,
+        resolver: Resolver = _resolve,
+    ) -> Embeddings:
+        """Resolve `model`, build and check its embedding request, and embed it (with the caller's limits and
+        telemetry); cancelled if the client leaves. `dimensions` is applied here, the same for every backend."""
+        engine, config = self.resolve(model, resolver)
+        check_task(config, "embed")
+        request = build(config, engine.info)
+        check_embedding_request(request, engine.info)
+        result = await unless_disconnected(http, embed_inputs(engine, request))
+        result.vectors = shortened(result.vectors, request.dimensions)
+        return result
 
 
 # -- disconnects --------------------------------------------------------------------------------------------

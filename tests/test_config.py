@@ -73,6 +73,10 @@ BAD_CONFIGS = [
     ("unknown policy key", BACKEND + model() + "[rate_limits.std]\nrpm = 5\n", "rate_limits.std.rpm: unknown field"),
     ("bad state url", BACKEND + model() + '[state]\nurl = "postgres://db"\n', "state: expected memory:// or redis://"),
     ("sample ratio", BACKEND + model() + "[telemetry]\nsample_ratio = 2.0\n", "telemetry.sample_ratio: expected float <= 1.0"),
+    ("pooling on a generation model", BACKEND + model(pooling='"mean"'), "models[0].pooling: only for an embedding model"),
+    ("unknown task", BACKEND + model(task='"rerank"'), "models[0].task"),
+    ("unknown pooling", BACKEND + model(task='"embed"', pooling='"max"'), "models[0].pooling"),
+    ("remote pooling", '[backends.local]\nkind = "openai"\nurls = ["http://h/v1"]\n' + model(task='"embed"', normalize="true"), "models[0].normalize: an openai backend's upstream pools"),
     ("vllm with workers", '[server]\nworkers = 2\n[backends.local]\nkind = "vllm"\n' + model(), "server.workers: must be 1 with a vllm backend"),
 ]  # fmt: skip
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import abc
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import msgspec
 
 from litestar_llm.caller import current_caller
-from litestar_llm.engine.types import Delta, GenerationRequest, Usage
+from litestar_llm.engine.types import Delta, EmbeddingRequest, Embeddings, GenerationRequest, Usage
+from litestar_llm.errors import InvalidRequestError
 from litestar_llm.limits import LEASE_S, KeyLimits
 from litestar_llm.observation import current_observer
 
@@ -39,7 +40,9 @@ class ModelInfo(msgspec.Struct, kw_only=True):
     structured_output: bool = False
     """The backend can constrain decoding to JSON or a JSON schema."""
     embeddings: bool = False
-    """The backend can embed text."""
+    """The model embeds (task "embed"): it answers `Engine.embed`, not `generate`."""
+    embedding_size: int | None = None
+    """Components of an embedding vector (the model's hidden size), where known: bounds `dimensions`."""
     tools: bool = False
     """The model's template takes tools and the backend parses its calls."""
     thinking: bool = False
@@ -70,6 +73,16 @@ class Engine(abc.ABC):
         the engine cannot tell cheaply (the budget then settles on the reported usage alone)."""
         return None
 
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        """One vector per input, in order, for a model whose `info.embeddings` is true. Cancelling the call (the
+        client left) drops the inputs not yet embedded."""
+        raise InvalidRequestError(f"the {self.info.backend} backend cannot embed", param="model")
+
+    async def count_input_tokens(self, request: EmbeddingRequest) -> int | None:
+        """The inputs' length in tokens (after truncation), so a token budget can be reserved before embedding;
+        None when the engine cannot tell cheaply (the budget then settles on the reported count alone)."""
+        return None
+
     @property
     def ready(self) -> bool:
         return True
@@ -91,6 +104,42 @@ def generate_choices(engine: Engine, requests: list[GenerationRequest]) -> Async
         stream = _choices(engine, requests)
     observer = current_observer.get()
     return stream if observer is None else observer.observe(engine, requests, stream)
+
+
+def embed_inputs(engine: Engine, request: EmbeddingRequest) -> Awaitable[Embeddings]:
+    """`engine.embed(request)`, with the caller's rate limits (a slot of max_concurrent, the input tokens of
+    tokens_per_minute) accounted around it and, with telemetry on, measured by the request's observer."""
+    caller = current_caller.get()
+    work = engine.embed(request) if caller is None or caller.limits is None else _limited_embed(engine, request)
+    observer = current_observer.get()
+    return work if observer is None else observer.observe_embeddings(engine, request, work)
+
+
+async def _limited_embed(engine: Engine, request: EmbeddingRequest) -> Embeddings:
+    limits = current_caller.get().limits
+    stream = await limits.acquire_stream()
+    ticket, used = None, 0
+    try:
+        if limits.token_limit is not None:
+            used = await engine.count_input_tokens(request) or 0
+            try:
+                ticket = await limits.reserve(used)
+            except InvalidRequestError:
+                raise InvalidRequestError(
+                    f"these inputs have {used} tokens, more than the {limits.token_limit} tokens per minute this "
+                    "API key may use; send fewer or shorter inputs",
+                    param="input",
+                ) from None
+        try:
+            result = await engine.embed(request)
+        except InvalidRequestError:
+            used = 0  # refused before anything was embedded
+            raise
+        used = result.prompt_tokens
+        return result
+    finally:
+        await limits.settle(ticket, used)
+        await limits.release_stream(stream)
 
 
 async def _limited_choices(

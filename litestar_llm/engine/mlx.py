@@ -43,11 +43,20 @@ from litestar_llm.engine import mlx_grammar
 from litestar_llm.engine.base import Engine, ModelInfo
 from litestar_llm.engine.files import folder_files, parameter_count
 from litestar_llm.engine.forced_calls import ForcedCallSplitter, forced, forced_call_schema
+from litestar_llm.engine.mlx_embed import Embedder, EmbedJob, embeddings_of
 from litestar_llm.engine.mlx_output import OutputParsers, OutputSplitter
 from litestar_llm.engine.mlx_prefix import PrefixCache, default_max_bytes
 from litestar_llm.engine.stops import StopStringMatcher
 from litestar_llm.engine.template import template_messages
-from litestar_llm.engine.types import Delta, GenerationRequest, TokenLogprob, TopLogprob, Usage
+from litestar_llm.engine.types import (
+    Delta,
+    EmbeddingRequest,
+    Embeddings,
+    GenerationRequest,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
 from litestar_llm.errors import (
     EngineUnavailableError,
     InvalidRequestError,
@@ -205,7 +214,7 @@ class _Sequence:
         """Counted as waiting for a batch slot until the thread takes it out of the queue."""
 
 
-_SUBMIT, _CANCEL, _STOP = "submit", "cancel", "stop"
+_SUBMIT, _CANCEL, _STOP, _EMBED = "submit", "cancel", "stop", "embed"
 
 
 class MLXEngine(Engine):
@@ -213,8 +222,15 @@ class MLXEngine(Engine):
         self.config = model
         self.backend = backend
         self.info = ModelInfo(
-            name=model.name, backend="mlx", source=model.source, created=int(time.time()), max_seed=MAX_SEED
+            name=model.name,
+            backend="mlx",
+            source=model.source,
+            created=int(time.time()),
+            max_seed=MAX_SEED,
+            embeddings=model.task == "embed",
         )
+        self._embedder: Embedder | None = None
+        """task "embed": its inputs are batched on the generation thread (mlx_embed.py)."""
         self.max_queue = backend.max_queue or 4 * backend.max_batch_size
         self._inbox: queue.SimpleQueue[tuple[str, _Sequence | None]] = queue.SimpleQueue()
         # KV caches of shared prefixes and finished sequences, reused for prompts that share a prefix (a common
@@ -332,6 +348,32 @@ class MLXEngine(Engine):
             if not sequence.finished:
                 sequence.cancelled = True
                 self._inbox.put((_CANCEL, sequence))
+
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        if self._embedder is None:
+            return await super().embed(request)
+        if self._state != "ready":
+            raise self._unavailable()
+        if len(self._embedder.jobs) >= self.max_queue:
+            self._counters["refused"] += 1
+            raise OverloadedError(f"model '{self.info.name}' is overloaded: {self.max_queue} requests are waiting")
+        job = await asyncio.to_thread(self._embed_job, request)
+        self._inbox.put((_EMBED, job))
+        try:
+            item = await job.queue.get()
+        finally:
+            job.cancelled = not job.finished  # the client left: its inputs not yet in a batch are skipped
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def count_input_tokens(self, request: EmbeddingRequest) -> int | None:
+        if self._embedder is None:
+            return None
+        return (await asyncio.to_thread(self._embed_job, request)).prompt_tokens
+
+    def _embed_job(self, request: EmbeddingRequest) -> EmbedJob:
+        return self._embedder.prepare(request, self.info.context_length, self.info.vocab_size or len(self._tokenizer))
 
     def _prepare_split(
         self, request: GenerationRequest, fault: str | None
@@ -501,9 +543,12 @@ class MLXEngine(Engine):
             raise ModelLoadError(self.info.name, source, reason) from None
         self._model, self._tokenizer = model, tokenizer
         self._parsers = OutputParsers(tokenizer)
+        if self.config.task == "embed":
+            self._embedder = Embedder.load(self.info.name, source, model, tokenizer, config, self.config, self.backend)
         try:
             self.info = _model_info(self.info, config, tokenizer, Path(source))
             self.info.tools, self.info.thinking = self._parsers.tools, self._parsers.thinking
+            self.info.embedding_size = self._embedder.size if self._embedder is not None else None
         except Exception as exc:
             raise ModelLoadError(self.info.name, source, f"cannot read the model's files: {exc}") from None
         self._load_grammars(config, tokenizer)
@@ -527,12 +572,12 @@ class MLXEngine(Engine):
             command, sequence = self._inbox.get()
             if command == _STOP:
                 return
-            if command == _SUBMIT:
+            if command in (_SUBMIT, _EMBED):
                 self._fail(sequence, self._unavailable())
 
     def _fail_all(self, error: BaseException) -> None:
         """Every request the thread holds or will find in its inbox fails with `error`, at once."""
-        sequences = [*self._active.values(), *self._pending]
+        sequences = [*self._active.values(), *self._pending, *(self._embedder.take_all() if self._embedder else ())]
         self._active.clear()
         self._pending.clear()
         while True:
@@ -569,11 +614,14 @@ class MLXEngine(Engine):
         )
         try:
             while True:
-                if not self._admit(generator, wait=not self._active and not self._pending):
+                embedding = self._embedder is not None and self._embedder.jobs
+                if not self._admit(generator, wait=not self._active and not self._pending and not embedding):
                     return
                 self._fill_slots(generator)
                 if self._active:
                     self._decode(generator)
+                if self._embedder is not None and self._embedder.jobs:
+                    self._embed_batch()  # one batch between two decode steps
         finally:
             with contextlib.suppress(Exception):
                 generator.close()
@@ -588,7 +636,9 @@ class MLXEngine(Engine):
             wait = False
             if command == _STOP:
                 return False
-            if command == _SUBMIT:
+            if command == _EMBED:
+                self._embedder.jobs.append(sequence)
+            elif command == _SUBMIT:
                 self._pending.append(sequence)
                 if sequence.fault == "thread":
                     self._inject = "thread"
@@ -637,6 +687,15 @@ class MLXEngine(Engine):
             except Exception as exc:
                 self._fail(sequence, self._row_error(exc, "could not start this request"))
         pending.extendleft(reversed(later))
+
+    def _embed_batch(self) -> None:
+        complete, failed, exc = self._embedder.step()
+        for job in complete:
+            job.finished = True
+        self._send([(job.queue, embeddings_of(job)) for job in complete])
+        for job in failed:
+            self._fail(job, self._row_error(exc, "could not embed this request"))
+        self._stepped = self._stepped or bool(complete)
 
     def _dequeue(self, sequence: _Sequence) -> None:
         if sequence.queued:

@@ -33,7 +33,7 @@ from litestar.plugins import InitPlugin
 from litestar_llm.caller import current_caller
 from litestar_llm.config import ModelConfig, Settings
 from litestar_llm.engine.base import Engine, ModelInfo
-from litestar_llm.engine.types import Delta, GenerationRequest
+from litestar_llm.engine.types import Delta, EmbeddingRequest, Embeddings, GenerationRequest
 from litestar_llm.errors import EngineUnavailableError, ModelLoadError, ModelNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -115,6 +115,24 @@ class ServedEngine(Engine):
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
         return await self.engine.count_prompt_tokens(request)
+
+    async def count_input_tokens(self, request: EmbeddingRequest) -> int | None:
+        return await self.engine.count_input_tokens(request)
+
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        """The backend's own, counted in flight like a generation and ended the same way by `abort()`."""
+        live = self._registry._admit()
+        live.task = asyncio.current_task()
+        try:
+            return await self.engine.embed(request)
+        except asyncio.CancelledError:
+            if not live.ended:
+                raise
+            asyncio.current_task().uncancel()
+            raise unavailable(SHUTTING_DOWN) from None
+        finally:
+            live.task = None
+            self._registry._live.discard(live)
 
     def __getattr__(self, name: str) -> Any:  # a backend's own extras
         if name == "engine":  # not set yet: no recursion

@@ -218,3 +218,22 @@ class Delta(msgspec.Struct, kw_only=True):
     logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True):
+    """Texts or token-id lists to embed, one vector each, in order."""
+
+    model: str
+    input: list[str | list[int]]
+    truncate: bool = False
+    """An input longer than the model's context is cut to fit (Ollama's default) instead of refused (OpenAI's)."""
+    dimensions: int | None = None
+    """Keep the first `dimensions` components and renormalize (Matryoshka); None: the model's full size."""
+
+
+class Embeddings(msgspec.Struct, kw_only=True):
+    """An engine's answer to an `EmbeddingRequest`: one vector per input, in input order."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
+    """Input tokens embedded (after truncation), for usage and token budgets."""

@@ -13,6 +13,7 @@ from litestar import Request, Response, Router, delete, get, head, post
 from litestar.di import NamedDependency, Provide
 
 from litestar_llm import __version__
+from litestar_llm.config import ModelConfig
 from litestar_llm.dialects.common import wire_bodies
 from litestar_llm.dialects.ollama import wire
 from litestar_llm.dialects.ollama.errors import decode_body, exception_handlers, ndjson_error
@@ -30,12 +31,12 @@ from litestar_llm.dialects.ollama.translate import (
     tagged,
     tool_calls,
 )
-from litestar_llm.engine.base import Engine
+from litestar_llm.engine.base import Engine, ModelInfo
 from litestar_llm.engine.files import weights_digest
 from litestar_llm.engine.registry import EngineRegistry
-from litestar_llm.engine.types import Delta, Usage
+from litestar_llm.engine.types import Delta, EmbeddingRequest, Usage
 from litestar_llm.errors import InvalidRequestError
-from litestar_llm.serving import Choice, Generation, Serving, provide_serving
+from litestar_llm.serving import Choice, Generation, Serving, check_task, provide_serving
 
 NDJSON = "application/x-ndjson"
 encode = wire.encoder.encode
@@ -200,24 +201,43 @@ async def _lines(
 # -- embeddings ---------------------------------------------------------------------------------------------
 
 
-@post("/api/embed", status_code=200, opt=wire_bodies(wire.EmbedRequest))
+@post("/api/embed", status_code=200, opt=wire_bodies(wire.EmbedRequest, wire.EmbedResponse))
 async def embed(request: Request, serving: NamedDependency[Serving]) -> Response:
+    started = time.perf_counter()
     body = decode_body(await request.body(), wire.EmbedRequest)
-    engine, _ = serving.resolve(body.model, resolve)
-    raise _cannot_embed(engine)
-
-
-@post("/api/embeddings", status_code=200, opt=wire_bodies(wire.EmbeddingsRequest))
-async def embeddings(request: Request, serving: NamedDependency[Serving]) -> Response:
-    body = decode_body(await request.body(), wire.EmbeddingsRequest)
-    engine, _ = serving.resolve(body.model, resolve)
-    raise _cannot_embed(engine)
-
-
-def _cannot_embed(engine: Engine) -> InvalidRequestError:
-    return InvalidRequestError(
-        f"model '{engine.info.name}' cannot embed: its {engine.info.backend} backend serves text generation only"
+    inputs = [body.input] if isinstance(body.input, str) else body.input
+    if not any(inputs):  # Ollama's load check
+        _, config = serving.resolve(body.model, resolve)
+        check_task(config, "embed")
+        return _json(wire.EmbedResponse(model=body.model, embeddings=[]))
+    result = await serving.embed(request, body.model, _embedding(body.model, inputs, body.truncate, body.dimensions))
+    return _json(
+        wire.EmbedResponse(
+            model=body.model,
+            embeddings=result.vectors,
+            total_duration=int((time.perf_counter() - started) * NS),
+            prompt_eval_count=result.prompt_tokens,
+        )
     )
+
+
+@post("/api/embeddings", status_code=200, opt=wire_bodies(wire.EmbeddingsRequest, wire.EmbeddingsResponse))
+async def embeddings(request: Request, serving: NamedDependency[Serving]) -> Response:
+    """The older endpoint: one `prompt`, one `embedding`."""
+    body = decode_body(await request.body(), wire.EmbeddingsRequest)
+    if not body.prompt:
+        _, config = serving.resolve(body.model, resolve)
+        check_task(config, "embed")
+        return _json(wire.EmbeddingsResponse(embedding=[]))
+    result = await serving.embed(request, body.model, _embedding(body.model, [body.prompt], True, None))
+    return _json(wire.EmbeddingsResponse(embedding=result.vectors[0]))
+
+
+def _embedding(model: str, inputs: list[str], truncate: bool, dimensions: int | None):
+    def build(_config: ModelConfig, _info: ModelInfo) -> EmbeddingRequest:
+        return EmbeddingRequest(model=model, input=list(inputs), truncate=truncate, dimensions=dimensions)
+
+    return build
 
 
 # -- the model catalogue ------------------------------------------------------------------------------------
@@ -286,11 +306,12 @@ async def show(request: Request, registry: NamedDependency[EngineRegistry]) -> R
     model_info = {"general.architecture": family, "general.parameter_count": info.parameter_count or 0}
     if info.context_length:
         model_info[f"{family}.context_length"] = info.context_length
-    capabilities = ["completion"] + [
-        name
-        for name, able in (("tools", info.tools), ("thinking", info.thinking), ("embedding", info.embeddings))
-        if able
-    ]
+    if info.embeddings:  # a model serves one task
+        capabilities = ["embedding"]
+    else:
+        capabilities = ["completion"] + [
+            name for name, able in (("tools", info.tools), ("thinking", info.thinking)) if able
+        ]
     return _json(
         wire.ShowResponse(
             modified_at=rfc3339(info.modified_at),

@@ -105,6 +105,7 @@ class EmbedRequest(Struct, kw_only=True):
     model: str
     input: str | list[str] = ""
     truncate: bool = True
+    dimensions: int | None = None
     options: Options | None = None
     keep_alive: str | float | None = None
 
@@ -215,6 +216,18 @@ class ShowResponse(Struct, kw_only=True, omit_defaults=True):
     parameters: str = ""
     license: str = ""
     modelfile: str = ""
+
+
+class EmbedResponse(Struct, kw_only=True, omit_defaults=True):
+    model: str
+    embeddings: list[list[float]]
+    total_duration: int = 0
+    load_duration: int = 0
+    prompt_eval_count: int = 0
+
+
+class EmbeddingsResponse(Struct):
+    embedding: list[float]
 
 
 class Error(Struct):

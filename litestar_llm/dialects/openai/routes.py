@@ -1,5 +1,6 @@
-"""The OpenAI route set: /v1/models, /v1/chat/completions, /v1/completions. HTTP only; the mapping lives in
-`translate.py`, the errors in `errors.py`, and everything between decoding and encoding in the serving layer."""
+"""The OpenAI route set: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings. HTTP only; the mapping
+lives in `translate.py`, the errors in `errors.py`, and everything between decoding and encoding in the serving
+layer."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from litestar_llm.dialects.openai.translate import (
     chat_request,
     completion_logprobs,
     completion_requests,
+    embedding_request,
+    encoded_embedding,
     param_name,
     token_logprob,
     tool_call_fragments,
@@ -218,10 +221,22 @@ async def _completion_chunks(
     yield DONE
 
 
+@post("/v1/embeddings", status_code=200, opt=wire_bodies(wire.EmbeddingRequest, wire.EmbeddingList))
+async def embeddings(request: Request, serving: NamedDependency[Serving]) -> Response:
+    body = decode_body(await request.body(), wire.EmbeddingRequest)
+    result = await serving.embed(request, body.model, embedding_request(body))
+    data = [
+        wire.Embedding(index=i, embedding=encoded_embedding(vector, body.encoding_format))
+        for i, vector in enumerate(result.vectors)
+    ]
+    used = wire.EmbeddingUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
+    return _json(wire.EmbeddingList(data=data, model=body.model, usage=used))
+
+
 def openai_router() -> Router:
     return Router(
         path="/",
-        route_handlers=[list_models, get_model, chat_completions, completions],
+        route_handlers=[list_models, get_model, chat_completions, completions, embeddings],
         dependencies={"serving": Provide(provide_serving, use_cache=True, sync_to_thread=False)},
         exception_handlers=exception_handlers(),
         tags=["OpenAI"],

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import array
+import base64
 import json
 import re
+import sys
 from collections.abc import Callable
 
 from msgspec import UNSET
@@ -14,6 +17,7 @@ from litestar_llm.dialects.openai import wire
 from litestar_llm.engine.base import ModelInfo
 from litestar_llm.engine.types import (
     ChatMessage,
+    EmbeddingRequest,
     GenerationRequest,
     NamedToolChoice,
     ReasoningOptions,
@@ -280,3 +284,37 @@ def completion_logprobs(logprobs: list[TokenLogprob], offset: int) -> wire.Compl
         offsets.append(offset)
         offset += len(lp.token)
     return wire.CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
+
+
+def embedding_request(body: wire.EmbeddingRequest) -> Callable[[ModelConfig, ModelInfo], EmbeddingRequest]:
+    """OpenAI's four shapes of `input` as one list of inputs; an input longer than the context is refused."""
+    inputs = _embedding_inputs(body.input)
+
+    def build(_config: ModelConfig, _info: ModelInfo) -> EmbeddingRequest:
+        return EmbeddingRequest(model=body.model, input=inputs, dimensions=body.dimensions)
+
+    return build
+
+
+def _embedding_inputs(value: str | list) -> list[str | list[int]]:
+    if isinstance(value, str):
+        return [value]
+    kinds = {type(item) for item in value}
+    if kinds <= {str} or kinds <= {list}:
+        return value
+    if kinds <= {int}:
+        return [value]
+    raise InvalidRequestError(
+        "input: must be a string, a list of strings, a list of token ids, or a list of token-id lists (not a mix)",
+        param="input",
+    )
+
+
+def encoded_embedding(vector: list[float], encoding_format: str) -> list[float] | str:
+    """base64: the vector's float32 values, little-endian, as the openai SDK decodes them (numpy's frombuffer)."""
+    if encoding_format != "base64":
+        return vector
+    values = array.array("f", vector)
+    if sys.byteorder != "little":
+        values.byteswap()
+    return base64.b64encode(values.tobytes()).decode("ascii")

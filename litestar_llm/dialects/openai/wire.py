@@ -265,6 +265,34 @@ class ModelList(Struct):
     object: str = "list"
 
 
+class EmbeddingRequest(Struct, kw_only=True):
+    model: str
+    input: str | list[str | int | list[int]]
+    """A string, a list of strings, a list of token ids, or a list of token-id lists (checked in translate)."""
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class Embedding(Struct):
+    index: int
+    embedding: list[float] | str
+    """The floats, or (encoding_format base64) their little-endian float32 bytes in base64."""
+    object: str = "embedding"
+
+
+class EmbeddingUsage(Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(Struct):
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+    object: str = "list"
+
+
 class Error(Struct):
     message: str
     type: str

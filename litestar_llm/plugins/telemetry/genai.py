@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -19,7 +19,7 @@ from litestar_llm.errors import LitestarLLMError
 
 if TYPE_CHECKING:
     from litestar_llm.engine.base import Engine
-    from litestar_llm.engine.types import Delta, GenerationRequest
+    from litestar_llm.engine.types import Delta, EmbeddingRequest, Embeddings, GenerationRequest
 
 # The conventions' suggested bucket boundaries.
 DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
@@ -178,6 +178,46 @@ class RequestObserver:
                         "gen_ai.usage.output_tokens": output_tokens,
                     }
                 )
+                if error is not None:
+                    span.set_attribute("error.type", error)
+                    span.set_status(Status(StatusCode.ERROR, error))
+                span.end()
+
+    async def observe_embeddings(
+        self, engine: Engine, request: EmbeddingRequest, work: Awaitable[Embeddings]
+    ) -> Embeddings:
+        metrics = self.metrics
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": "embeddings",
+            "gen_ai.request.model": request.model,
+            "gen_ai.provider.name": engine.info.backend,
+            DIALECT: self.dialect,
+        }
+        span = None
+        if metrics.tracer is not None:
+            extra = {"gen_ai.embeddings.dimension.count": request.dimensions} if request.dimensions else {}
+            span = metrics.tracer.start_span(
+                f"embeddings {request.model}", kind=SpanKind.INTERNAL, attributes={**attributes, **extra}
+            )
+        input_tokens, error = 0, None
+        try:
+            result = await work
+            input_tokens = result.prompt_tokens
+            return result
+        except BaseException as exc:
+            error = _error_type(exc)
+            raise
+        finally:
+            if error is not None:
+                attributes["error.type"] = error
+            metrics.duration.record(time.perf_counter() - self.started, attributes)
+            if input_tokens:
+                metrics.tokens.record(input_tokens, {**attributes, "gen_ai.token.type": "input"})
+                if (caller := current_caller.get()) is not None:
+                    key_attributes = {KEY_NAME: caller.name, "gen_ai.token.type": "input"}
+                    metrics.key_tokens.add(input_tokens, {**key_attributes, "gen_ai.request.model": request.model})
+            if span is not None:
+                span.set_attributes({"gen_ai.response.model": request.model, "gen_ai.usage.input_tokens": input_tokens})
                 if error is not None:
                     span.set_attribute("error.type", error)
                     span.set_status(Status(StatusCode.ERROR, error))
