@@ -17,6 +17,16 @@
     # thinks, e.g. the test model of examples/make_agent_model.py), alternating rounds on one server:
     python benchmarks/serving.py --model-path models/agent --ours --tools -c 16 --rounds 5
 
+    # the workloads of agents and RAG apps, ours beside mlx_lm.server and vllm-mlx, alternating rounds, C=1/16/64:
+    # plain prompts, a shared 750-token system prompt, multi-turn chats, and long (1,900-token) prompts among
+    # short ones (ITL p99 shows whether running decodes keep flowing while a long prompt prefills)
+    python benchmarks/serving.py --model-path models/tiny --ours --mlx-lm --vllm-mlx --raw -c 1 -c 16 -c 64 \
+        --workload plain --workload prefix --workload multi-turn --workload mix --shared-prefix-tokens 750
+
+vllm-mlx pins another mlx-lm than ours, so it lives in its own virtual environment:
+`python -m venv /work/.venv-vllm-mlx && /work/.venv-vllm-mlx/bin/pip install vllm-mlx "mlx[cpu]"`
+(`--vllm-mlx-bin` names another executable).
+
 Each run sends N chat requests (N = max(8 x C, 32) unless -n is given) with at most C in flight, every request streaming
 `--max-tokens` tokens at temperature 0. It prints requests/s, output tokens/s, and TTFT and inter-token latency
 p50/p99. Output tokens are counted from the stream's usage (or its content chunks where a server sends none).
@@ -47,6 +57,50 @@ def prompts(count: int) -> list[str]:
     return [f"Request {i}: explain {TOPICS[i % len(TOPICS)]} in the standard library." for i in range(count)]
 
 
+WORKLOADS = ("plain", "prefix", "multi-turn", "mix")
+WORDS = [
+    "the", "path", "of", "a", "file", "object", "returns", "an", "iterator", "over",
+    "lines", "and", "the", "value", "of", "each", "key", "in", "the", "mapping",
+]  # fmt: skip
+
+
+def long_text(tokens: int, model_path: str | None, tag: str = "") -> str:
+    """Text of about `tokens` tokens (counted with the model's tokenizer where there is one)."""
+    words = [tag, *(WORDS[(i * 7) % len(WORDS)] for i in range(tokens))]
+    if model_path is None:
+        return " ".join(words[: tokens * 3 // 4])
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    low, high = 1, len(words)
+    while low < high:  # the most words within `tokens`
+        middle = (low + high + 1) // 2
+        if len(tokenizer.encode(" ".join(words[:middle]))) <= tokens:
+            low = middle
+        else:
+            high = middle - 1
+    return " ".join(words[:low])
+
+
+@dataclass
+class Workload:
+    """What each request of a run sends: `plain` prompts; the same system prompt before each (`prefix`); chats
+    that continue their own earlier answers (`multi-turn`: C chats, each request one more turn); one long prompt
+    in four among short ones (`mix`)."""
+
+    name: str
+    system: str | None = None
+    long: str | None = None
+    turns: int = 4
+
+    def first(self, i: int) -> list[dict]:
+        user = prompts(i + 1)[i]
+        if self.name == "mix" and i % 4 == 0:  # distinct from their first words: no prefix to share
+            user = f"Document {i}: {self.long} {user}"
+        messages = [{"role": "user", "content": user}]
+        return [{"role": "system", "content": self.system}, *messages] if self.system else messages
+
+
 @dataclass
 class Result:
     ttft: float = 0.0
@@ -54,6 +108,7 @@ class Result:
     tokens: int = 0
     error: str | None = None
     retries: int = 0
+    text: str = ""
 
 
 TOOLS = [
@@ -70,7 +125,7 @@ TOOLS = [
 
 
 async def one_request(
-    client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, extra: dict | None = None
+    client: httpx.AsyncClient, url: str, model: str, prompt: str | list, max_tokens: int, extra: dict | None = None
 ) -> Result:
     """One streamed request. A connection that fails before any byte arrives is retried (mlx_lm.server's
     http.server drops connections beyond its small listen backlog); the wait counts in TTFT, and retries are
@@ -87,12 +142,18 @@ async def one_request(
 
 
 async def _stream_once(
-    client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, started: float, extra: dict | None
+    client: httpx.AsyncClient,
+    url: str,
+    model: str,
+    prompt: str | list,
+    max_tokens: int,
+    started: float,
+    extra: dict | None,
 ) -> Result:
     body = {
         **(extra or {}),
         "model": model,
-        "messages": [{"role": "user", "content": prompt}],
+        "messages": [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
@@ -114,6 +175,7 @@ async def _stream_once(
             choices = event.get("choices") or []
             delta = choices[0].get("delta", {}) if choices else {}
             if delta.get("content") or delta.get("reasoning") or delta.get("tool_calls"):
+                result.text += delta.get("content") or ""
                 now = time.perf_counter()
                 if last is None:
                     result.ttft = now - started
@@ -133,6 +195,7 @@ async def run_load(
     max_tokens: int,
     keep_alive: bool = False,
     extra: dict | None = None,
+    workload: Workload | None = None,
 ) -> dict:
     gate = asyncio.Semaphore(concurrency)
     # By default a new connection per request: mlx_lm.server closes its connections, and every target gets the same.
@@ -143,9 +206,26 @@ async def run_load(
             async with gate:
                 return await one_request(client, url, model, prompt, max_tokens, extra)
 
+        async def chat(i: int) -> list[Result]:
+            """One multi-turn chat: each turn sends the earlier turns and their answers."""
+            messages, results = workload.first(i), []
+            for turn in range(workload.turns):
+                result = await one_request(client, url, model, messages, max_tokens, extra)
+                results.append(result)
+                messages = [*messages, {"role": "assistant", "content": result.text}]
+                messages.append({"role": "user", "content": f"Turn {turn + 2}: and then?"})
+            return results
+
         await one_request(client, url, model, "warm up", 4)
         started = time.perf_counter()
-        results = await asyncio.gather(*(bounded(p) for p in prompts(requests)))
+        if workload is not None and workload.name == "multi-turn":
+            chats = await asyncio.gather(*(chat(i) for i in range(concurrency)))
+            results = [r for c in chats for r in c]
+            requests = len(results)
+        elif workload is not None:
+            results = await asyncio.gather(*(bounded(workload.first(i)) for i in range(requests)))
+        else:
+            results = await asyncio.gather(*(bounded(p) for p in prompts(requests)))
         wall = time.perf_counter() - started
     errors = [r.error for r in results if r.error]
     if errors:
@@ -171,14 +251,17 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-def raw_ceiling(model_path: str, requests: int, max_tokens: int) -> float:
-    """mlx-lm's own batch_generate on the same prompts, no HTTP: the engine's output tokens/s."""
+def raw_ceiling(model_path: str, requests: int, max_tokens: int, workload: Workload | None = None) -> float:
+    """mlx-lm's own batch_generate on the same prompts, no HTTP: the engine's output tokens/s (each prompt
+    prefilled whole: batch_generate shares no prefix)."""
     from mlx_lm import batch_generate, load
 
     model, tokenizer = load(model_path)
     ids = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-        for p in prompts(requests)
+        tokenizer.apply_chat_template(
+            workload.first(i) if workload else [{"role": "user", "content": p}], add_generation_prompt=True
+        )
+        for i, p in enumerate(prompts(requests))
     ]
     batch_generate(model, tokenizer, ids[:2], max_tokens=4)  # warm up
     started = time.perf_counter()
@@ -265,6 +348,17 @@ def start_mlx_lm(model_path: str) -> tuple[Process, str, str]:
     return Process(argv, f"http://127.0.0.1:{port}/health"), f"http://127.0.0.1:{port}/v1", "default_model"
 
 
+VLLM_MLX_BIN = "/work/.venv-vllm-mlx/bin/vllm-mlx"
+
+
+def start_vllm_mlx(model_path: str, executable: str) -> tuple[Process, str, str]:
+    """vllm-mlx (its own venv: it pins another mlx-lm), continuous batching and its prefix cache on."""
+    port = free_port()
+    argv = [executable, "serve", model_path, "--port", str(port), "--continuous-batching"]
+    argv += ["--served-model-name", "bench", "--offline"]
+    return Process(argv, f"http://127.0.0.1:{port}/health"), f"http://127.0.0.1:{port}/v1", "bench"
+
+
 def _value(text: str):
     """An --engine-arg value as TOML/JSON would read it: numbers and booleans typed, the rest strings."""
     try:
@@ -302,12 +396,30 @@ def main() -> None:
     parser.add_argument("-c", "--concurrency", type=int, action="append", help="repeatable; default 1 and 16")
     parser.add_argument("-n", "--requests", type=int, help="requests per run (default 8 x concurrency, at least 32)")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--vllm-mlx", action="store_true", help="start vllm-mlx on --model-path (a reference)")
+    parser.add_argument("--vllm-mlx-bin", default=VLLM_MLX_BIN, help="the vllm-mlx executable")
+    parser.add_argument(
+        "--workload",
+        action="append",
+        metavar="NAME[:C,C]",
+        help=f"repeatable, one of {', '.join(WORKLOADS)}, optionally at its own concurrencies (prefix:16,64); "
+        "all servers run side by side, alternating",
+    )
+    parser.add_argument("--shared-prefix-tokens", type=int, default=750, help="system prompt of prefix, multi-turn")
+    parser.add_argument(
+        "--long-tokens", type=int, default=1900, help="the long prompts of mix (the tiny model: 2,048 context)"
+    )
+    parser.add_argument("--turns", type=int, default=4, help="turns per chat of multi-turn")
+    parser.add_argument("--alternate", type=int, default=2, help="rounds per cell for --workload, servers rotated")
     parser.add_argument("--tools", action="store_true", help="ours with and without tools, alternating rounds")
     parser.add_argument("--rounds", type=int, default=5, help="rounds for --tools")
     args = parser.parse_args()
     levels = args.concurrency or [1, 16]
     if args.tools:
         tools_and_thinking(args, levels)
+        return
+    if args.workload or args.vllm_mlx:
+        side_by_side(args, levels)
         return
 
     # One server at a time, each warmed up first (compilation, caches, first allocations), so no idle server
@@ -353,6 +465,80 @@ def main() -> None:
                 f"C={c:<3} tok/s {ratios['tok_s']:.2f}x   TTFT p50 {ratios['ttft_p50']:.2f}x   "
                 f"ITL p50 {ratios['itl_p50']:.2f}x"
             )
+
+
+def side_by_side(args: argparse.Namespace, levels: list[int]) -> None:
+    """Every server started at once (idle ones wait on a socket), each cell run on each server in turn, the order
+    rotated round by round; a cell's figures are the median of its rounds. N = max(C, 16) requests a run unless -n
+    is given (multi-turn: C chats of --turns requests)."""
+    starters = []
+    if args.ours:
+        starters.append(("litestar-llm", lambda: start_ours(args.model_path)))
+    if args.mlx_lm:
+        starters.append(("mlx_lm.server", lambda: start_mlx_lm(args.model_path)))
+    if args.vllm_mlx:
+        starters.append(("vllm-mlx", lambda: start_vllm_mlx(args.model_path, args.vllm_mlx_bin)))
+    system = long_text(args.shared_prefix_tokens, args.model_path, "Instructions:")
+    long = long_text(args.long_tokens, args.model_path)
+    cells = []
+    for spec in args.workload or ["plain"]:
+        name, _, at = spec.partition(":")
+        if name not in WORKLOADS:
+            raise SystemExit(f"--workload: {name!r} is not one of {', '.join(WORKLOADS)}")
+        workload = Workload(name, system if name in ("prefix", "multi-turn") else None, long, args.turns)
+        cells += [(workload, c) for c in ([int(c) for c in at.split(",")] if at else levels)]
+    servers = []
+    try:
+        for name, start in starters:
+            proc, url, model = start()
+            servers.append((name, proc, url, model))
+            asyncio.run(run_load(url, model, 2 * max(c for _, c in cells), max(c for _, c in cells), args.max_tokens))
+        table: dict[tuple[str, int, str], dict] = {}
+        for workload, c in cells:
+            runs: dict[str, list[dict]] = {name: [] for name, *_ in servers}
+            n = args.requests or max(c, 16)
+            for r in range(args.alternate):
+                for name, _, url, model in servers[r % len(servers) :] + servers[: r % len(servers)]:
+                    runs[name].append(asyncio.run(run_load(url, model, n, c, args.max_tokens, workload=workload)))
+            for name, figures in runs.items():
+                table[workload.name, c, name] = {k: statistics.median(f[k] for f in figures) for k in figures[0]}
+                show(f"{workload.name} {name}", c, table[workload.name, c, name])
+    finally:
+        for _, proc, _, _ in servers:
+            proc.stop()
+    if args.raw:  # batch_generate on C prompts at once
+        for workload, c in cells:
+            if workload.name in ("plain", "prefix"):
+                figure = raw_ceiling(args.model_path, c, args.max_tokens, workload)
+                print(f"raw mlx-lm {workload.name} C={c:<3} {figure:26.1f} tok/s", flush=True)
+    print_comparison(table, cells, [name for name, *_ in servers])
+
+
+def print_comparison(table: dict, cells: list, names: list[str]) -> None:
+    """The table: each server's tok/s and TTFT p50 per cell, and ours over the better reference."""
+    refs = [n for n in names if n != "litestar-llm"]
+    header = f"{'workload':<11} {'C':>3} " + "".join(
+        f"{n + ' tok/s':>20} {'TTFT p50':>9} {'ITL p99':>8}" for n in names
+    )
+    if "litestar-llm" in names and refs:
+        header += f" {'tok/s vs best':>14} {'TTFT vs best':>13}"
+    print("\n" + header)
+    for workload, c in cells:
+        row = [table[workload.name, c, n] for n in names]
+        line = f"{workload.name:<11} {c:>3} " + "".join(
+            f"{f['tok_s']:20.1f} {f['ttft_p50'] * 1000:7.0f}ms {f['itl_p99'] * 1000:6.0f}ms" for f in row
+        )
+        if "litestar-llm" in names and refs:
+            ours = table[workload.name, c, "litestar-llm"]
+            best_tok = max(table[workload.name, c, n]["tok_s"] for n in refs)
+            best_ttft = min(table[workload.name, c, n]["ttft_p50"] for n in refs)
+            line += f" {ours['tok_s'] / best_tok:13.2f}x {ours['ttft_p50'] / best_ttft:12.2f}x"
+        print(line)
+    for name in names:  # what a shared prefix costs each server: the same load without it
+        for c in sorted({c for _, c in cells}):
+            if ("prefix", c, name) in table and ("plain", c, name) in table:
+                ratio = table["prefix", c, name]["tok_s"] / table["plain", c, name]["tok_s"]
+                print(f"{name}: C={c} tok/s with the shared prefix / without: {ratio:.2f}x")
 
 
 def tools_and_thinking(args: argparse.Namespace, levels: list[int]) -> None:

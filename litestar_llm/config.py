@@ -89,8 +89,9 @@ class MLXBackendConfig(Section, tag="mlx", tag_field="kind"):
     """Sequences decoded together in one step; more requests wait for a free slot."""
     prefill_batch_size: Positive = 3
     """Prompts prefilled together when they arrive at once."""
-    prefill_step_size: Positive = 2048
-    """Prompt tokens per prefill chunk: longer prompts are processed in chunks between decode steps."""
+    prefill_step_size: Positive = 512
+    """Prompt tokens per prefill chunk: longer prompts are processed in chunks between decode steps, so running
+    sequences keep decoding while a long prompt prefills."""
     prompt_cache_bytes: Annotated[int, Meta(ge=0)] | None = None
     """Bytes of KV cache kept for reuse by prompts that share a prefix (shared system prompts, earlier turns of a
     chat), counting the running sequences' own, as mlx_lm.server's --prompt-cache-bytes; 0 turns reuse off.
