@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import functools
 import importlib.util
+import math
 import os
 import re
 import tomllib
@@ -55,6 +56,17 @@ class ServerConfig(Section):
     """A request's headers must arrive within this (granian's HTTP/1 header_read_timeout); else it is dropped."""
     body_read_timeout_s: Annotated[float, Meta(gt=0)] = 60.0
     """A request's whole body must arrive within this from the request's start; else it answers 408."""
+    max_loaded_models: Positive | None = None
+    """Models loaded at once (remote `openai` models do not count); to load one more, the least recently used idle
+    model that is not pinned is unloaded first. Omitted: no limit."""
+    memory_budget: str | int | None = None
+    """Bytes of weights loaded at once (`"24GiB"`, `"512MB"`, or a number), measured from each model's files;
+    enforced like max_loaded_models. Omitted: no limit."""
+    load_wait_s: Annotated[float, Meta(ge=0)] = 60.0
+    """How long a request waits for room to load its model (models busy with requests cannot be unloaded); then
+    it answers 503 with Retry-After."""
+    watch: bool = False
+    """Reload server.toml when it changes (as on SIGHUP)."""
 
     def __post_init__(self) -> None:
         import ipaddress
@@ -63,6 +75,12 @@ class ServerConfig(Section):
             ipaddress.ip_address(self.host)
         except ValueError:
             raise ValueError(f"host must be an IP address (127.0.0.1, 0.0.0.0, ::), got {self.host!r}") from None
+        if self.memory_budget is not None:
+            self.memory_budget_bytes  # noqa: B018 - validates
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        return None if self.memory_budget is None else parse_size(self.memory_budget, "memory_budget")
 
 
 class RoutesConfig(Section):
@@ -80,7 +98,20 @@ class RoutesConfig(Section):
     """GET /ui: a status page and chat playground for people, and GET /ui/status, its figures as JSON ([ui])"""
 
 
-class MLXBackendConfig(Section, tag="mlx", tag_field="kind"):
+KeepAlive = str | float | None
+"""Ollama's forms: `"5m"`, `"1h30m"`, `"30s"`, a number of seconds, `-1` (or any negative) forever, `0` unload right
+after use."""
+
+
+class _Backend(Section):
+    keep_alive: KeepAlive = None
+    """How long this backend's models stay loaded once idle, unless a model says otherwise. Omitted: forever."""
+
+    def __post_init__(self) -> None:
+        keep_alive_seconds(self.keep_alive, "keep_alive")
+
+
+class MLXBackendConfig(_Backend, tag="mlx", tag_field="kind"):
     """mlx-lm in this process: one generation thread per model, continuous batching via BatchGenerator."""
 
     kind: ClassVar[str] = "mlx"
@@ -108,7 +139,7 @@ class MLXBackendConfig(Section, tag="mlx", tag_field="kind"):
     one); one pass runs between two decode steps."""
 
 
-class VLLMBackendConfig(Section, tag="vllm", tag_field="kind"):
+class VLLMBackendConfig(_Backend, tag="vllm", tag_field="kind"):
     """vLLM's AsyncLLM in this process (its engine core and workers run in vLLM's own child processes)."""
 
     kind: ClassVar[str] = "vllm"
@@ -118,7 +149,7 @@ class VLLMBackendConfig(Section, tag="vllm", tag_field="kind"):
     dtype, enforce_eager, ...); `model` comes from each model's source. Names are checked at start-up."""
 
 
-class OpenAIBackendConfig(Section, tag="openai", tag_field="kind"):
+class OpenAIBackendConfig(_Backend, tag="openai", tag_field="kind", kw_only=True):
     """Remote OpenAI-compatible replicas of one deployment (vLLM, another litestar-llm, ...), balanced by least
     in-flight requests; a model's `source` is the id the upstream knows."""
 
@@ -146,6 +177,7 @@ class OpenAIBackendConfig(Section, tag="openai", tag_field="kind"):
     """HTTP/1.1 connections per replica (one stream each), kept alive between requests."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for i, url in enumerate(self.urls):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"urls[{i}]: expected http:// or https://..., got {url!r}")
@@ -275,6 +307,19 @@ class ModelConfig(Section):
     (decoder embedding models such as Qwen3-Embedding); on vllm, vLLM's own choice for the model."""
     normalize: bool | None = None
     """task "embed": scale each vector to unit length. Omitted: true on mlx; on vllm, vLLM's own choice."""
+    load: Literal["startup", "on_demand"] = "startup"
+    """`startup`: loaded before the server is ready. `on_demand`: loaded by its first request (which waits for it;
+    concurrent ones share the one load)."""
+    keep_alive: KeepAlive = None
+    """How long the model stays loaded once idle (Ollama's forms, see KeepAlive); Ollama requests' own keep_alive
+    wins for the time after them. Omitted: the backend's keep_alive, else forever."""
+    pin: bool = False
+    """Never unloaded to make room (max_loaded_models, memory_budget) nor when idle."""
+
+    def __post_init__(self) -> None:
+        keep_alive_seconds(self.keep_alive, "keep_alive")
+        if self.pin and self.keep_alive is not None:
+            raise ValueError("a pinned model stays loaded: give pin or keep_alive, not both")
 
 
 class Settings(Section):
@@ -289,6 +334,53 @@ class Settings(Section):
     rate_limits: dict[str, RateLimitPolicy] = {}
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     ui: UIConfig = msgspec.field(default_factory=UIConfig)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value: KeepAlive, field: str = "keep_alive") -> float | None:
+    """Ollama's keep_alive in seconds: None when not given, `math.inf` for forever (a negative value), else >= 0.
+    Strings are Go durations (`"5m"`, `"1h30m"`, `"-1m"`) or a bare number of seconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f'{field}: expected a duration such as "5m" or a number of seconds, got {value!r}')
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        body = text.lstrip("+-")
+        try:
+            seconds = sign * float(body)
+        except ValueError:
+            parts = _DURATION.findall(body)
+            if not body or "".join(n + u for n, u in parts) != body:
+                raise ValueError(
+                    f'{field}: expected a duration such as "5m", "1h30m", "30s", -1 or a number of seconds, '
+                    f"got {value!r}"
+                ) from None
+            seconds = sign * sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    if seconds != seconds:  # NaN
+        raise ValueError(f"{field}: expected a number, got {value!r}")
+    return math.inf if seconds < 0 else seconds
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+               "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_size(value: str | int, field: str = "memory_budget") -> int:
+    """`"24GiB"`, `"512MB"`, `"1.5GB"` or a number of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError(f'{field}: expected a size such as "24GiB" or "512MB", got {value!r}')
+    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()])
 
 
 # Tables keyed by a user-chosen name: validated entry by entry so errors name the key (`backends.local.kind`).
@@ -394,6 +486,16 @@ def _is_local_path(source: str, base_dir: Path) -> bool:
     if _in_hub_cache(source):
         return False
     return (base_dir / source.partition("/")[0]).is_dir() or _hub_offline()
+
+
+def _hub_shaped(source: str, base_dir: Path) -> bool:
+    """`org/name`, with no folder beside server.toml that it could mean: a Hugging Face repo id, cached or not."""
+    return (
+        bool(_HUB_ID.match(source))
+        and not source.startswith(".")
+        and not (base_dir / source).exists()
+        and not (base_dir / source.partition("/")[0]).is_dir()
+    )
 
 
 def _hub_offline() -> bool:
@@ -502,6 +604,15 @@ def _check_auth(settings: Settings) -> None:
 def _check_models(settings: Settings, base_dir: Path) -> None:
     if not settings.models:
         raise ConfigError("models", "no [[models]] declared: declare at least one model")
+    limit = settings.server.max_loaded_models
+    startup = [m.name for m in settings.models if m.load == "startup" and settings.backends.get(m.backend) is not None
+               and settings.backends[m.backend].kind != "openai"]  # fmt: skip
+    if limit is not None and len(startup) > limit:
+        raise ConfigError(
+            "server.max_loaded_models",
+            f"{limit} is fewer than the {len(startup)} models loaded at start-up ({', '.join(startup)}); give some "
+            'load = "on_demand"',
+        )
     seen: dict[str, str] = {}
     for i, model in enumerate(settings.models):
         where = f"models[{i}]"
@@ -518,6 +629,8 @@ def _check_models(settings: Settings, base_dir: Path) -> None:
         _check_task(model, where, settings.backends[model.backend].kind)
         if settings.backends[model.backend].kind == "openai":
             continue  # the source is the upstream's model id, not a folder here
+        if model.load == "on_demand" and _hub_shaped(model.source, base_dir):
+            continue  # a hub model that may be missing: its requests answer 503 until `litestar-llm pull`
         if _is_local_path(model.source, base_dir):
             folder = (base_dir / Path(model.source).expanduser()).resolve()
             if not folder.is_dir():

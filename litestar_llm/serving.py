@@ -284,6 +284,9 @@ class Generation:
     """An admitted generation whose first delta has arrived: iterate it for `(choice_index, Delta)` (the first
     one included), or `collect()` it. `requests` are the checked requests, as the engine got them."""
 
+    load_s = 0.0
+    """How long the request waited for its model to load (0: it was loaded)."""
+
     def __init__(
         self,
         http: Request,
@@ -375,32 +378,40 @@ class Serving:
         *,
         names: FieldNames | None = None,
         resolver: Resolver = _resolve,
+        keep_alive: float | None = None,
     ) -> Generation:
-        """Resolve `model`, build its requests (`build` gets the model's config, defaults included, and what the
-        engine knows of it), check them, and start generating. Returns once the first delta is there; raises
-        (for the dialect's error handler) when anything fails before that."""
+        """Resolve `model`, load it if it is not loaded (`keep_alive`: seconds it stays loaded once idle, for
+        this request's dialect to set), build its requests (`build` gets the model's config, defaults included,
+        and what the engine knows of it), check them, and start generating. Returns once the first delta is
+        there; raises (for the dialect's error handler) when anything fails before that."""
         names = names or {}
         engine, config = self.resolve(model, resolver)
         check_task(config, "generate")
-        built = build(config, engine.info)
-        requests = built if isinstance(built, list) else [built]
-        for request in requests:
-            check_request(request, engine.info, names)
-        stream = generate_choices(engine, requests)
+        hold = await unless_disconnected(http, self.registry.acquire(config.name, keep_alive))
         try:
-            first = await unless_disconnected(http, anext(stream))
-        except InvalidRequestError as exc:  # the engine's own checks name fields the engine's way
-            await stream.aclose()
-            if exc.param is not None:
-                wire = names(exc.param) if callable(names) else names.get(exc.param, exc.param)
-                if exc.message.startswith(f"{exc.param}:"):  # the message names the field too
-                    exc.message = wire + exc.message[len(exc.param) :]
-                exc.param = wire
-            raise
-        except BaseException:
-            await stream.aclose()
-            raise
-        return Generation(http, engine, config, requests, stream, first)
+            built = build(config, engine.info)
+            requests = built if isinstance(built, list) else [built]
+            for request in requests:
+                check_request(request, engine.info, names)
+            stream = generate_choices(engine, requests)
+            try:
+                first = await unless_disconnected(http, anext(stream))
+            except InvalidRequestError as exc:  # the engine's own checks name fields the engine's way
+                await stream.aclose()
+                if exc.param is not None:
+                    wire = names(exc.param) if callable(names) else names.get(exc.param, exc.param)
+                    if exc.message.startswith(f"{exc.param}:"):  # the message names the field too
+                        exc.message = wire + exc.message[len(exc.param) :]
+                    exc.param = wire
+                raise
+            except BaseException:
+                await stream.aclose()
+                raise
+        finally:
+            hold.release()  # the generation, once admitted, keeps the model busy on its own
+        generation = Generation(http, engine, config, requests, stream, first)
+        generation.load_s = hold.load_s
+        return generation
 
     async def embed(
         self,
@@ -409,14 +420,19 @@ class Serving:
         build: Callable[[ModelConfig, ModelInfo], EmbeddingRequest],
         *,
         resolver: Resolver = _resolve,
+        keep_alive: float | None = None,
     ) -> Embeddings:
         """Resolve `model`, build and check its embedding request, and embed it (with the caller's limits and
         telemetry); cancelled if the client leaves. `dimensions` is applied here, the same for every backend."""
         engine, config = self.resolve(model, resolver)
         check_task(config, "embed")
-        request = build(config, engine.info)
-        check_embedding_request(request, engine.info)
-        result = await unless_disconnected(http, embed_inputs(engine, request))
+        hold = await unless_disconnected(http, self.registry.acquire(config.name, keep_alive))
+        try:
+            request = build(config, engine.info)
+            check_embedding_request(request, engine.info)
+            result = await unless_disconnected(http, embed_inputs(engine, request))
+        finally:
+            hold.release()
         result.vectors = shortened(result.vectors, request.dimensions)
         return result
 

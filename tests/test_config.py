@@ -78,6 +78,12 @@ BAD_CONFIGS = [
     ("unknown pooling", BACKEND + model(task='"embed"', pooling='"max"'), "models[0].pooling"),
     ("remote pooling", '[backends.local]\nkind = "openai"\nurls = ["http://h/v1"]\n' + model(task='"embed"', normalize="true"), "models[0].normalize: an openai backend's upstream pools"),
     ("vllm with workers", '[server]\nworkers = 2\n[backends.local]\nkind = "vllm"\n' + model(), "server.workers: must be 1 with a vllm backend"),
+    ("bad keep_alive", BACKEND + model(keep_alive='"soon"'), 'models[0]: keep_alive: expected a duration such as "5m"'),
+    ("bad backend keep_alive", BACKEND + 'keep_alive = "5x"\n' + model(), "backends.local: keep_alive: expected a duration"),
+    ("pin and keep_alive", BACKEND + model(pin="true", keep_alive='"5m"'), "models[0]: a pinned model stays loaded"),
+    ("bad load", BACKEND + model(load='"lazy"'), "models[0].load: invalid enum value 'lazy'"),
+    ("bad budget", "[server]\nmemory_budget = \"lots\"\n" + BACKEND + model(), 'server: memory_budget: expected a size such as "24GiB"'),
+    ("too many at start-up", "[server]\nmax_loaded_models = 1\n" + BACKEND + model() + model().replace('"tiny"', '"two"'), "server.max_loaded_models: 1 is fewer than the 2 models loaded at start-up"),
 ]  # fmt: skip
 
 

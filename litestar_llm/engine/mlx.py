@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import gc
 import logging
 import math
 import os
@@ -284,8 +285,18 @@ class MLXEngine(Engine):
         self._closing = True
         self._inbox.put((_STOP, None))
         self._wake.set()
-        await asyncio.to_thread(self._thread.join, 30)
-        self._thread = None
+        thread, self._thread = self._thread, None
+        await asyncio.to_thread(thread.join, 30)
+        if not thread.is_alive():  # a thread still in a step keeps its arrays: leave them
+            self._release_memory()
+
+    def _release_memory(self) -> None:
+        """Let go of the weights, caches and tokenizer, and hand MLX's freed buffers back to the system, so that
+        an unloaded model's memory really goes (RSS drops)."""
+        self._model = self._tokenizer = self._parsers = None
+        self._prompt_cache = LRUPromptCache(max_size=self.backend.prompt_cache_size)
+        gc.collect()
+        mx.clear_cache()
 
     @property
     def ready(self) -> bool:

@@ -13,7 +13,7 @@ from litestar import Request, Response, Router, delete, get, head, post
 from litestar.di import NamedDependency, Provide
 
 from litestar_llm import __version__
-from litestar_llm.config import ModelConfig
+from litestar_llm.config import ModelConfig, keep_alive_seconds
 from litestar_llm.dialects.common import wire_bodies
 from litestar_llm.dialects.ollama import wire
 from litestar_llm.dialects.ollama.errors import decode_body, exception_handlers, ndjson_error
@@ -74,14 +74,16 @@ async def version_head() -> Response[None]:
 # -- generation ---------------------------------------------------------------------------------------------
 
 
-def _final(cls: type, model: str, started: float, usage: Usage | None, finish: str | None, **fields: object):
+def _final(
+    cls: type, model: str, started: float, usage: Usage | None, finish: str | None, load_s: float, **fields: object
+):
     return cls(
         model=model,
         created_at=now(),
         done=True,
         done_reason="stop" if finish == "tool_calls" else finish,
         total_duration=int((time.perf_counter() - started) * NS),
-        load_duration=0,
+        load_duration=int(load_s * NS),
         prompt_eval_count=usage.prompt_tokens if usage else 0,
         prompt_eval_duration=int(usage.prompt_s * NS) if usage else 0,
         eval_count=usage.completion_tokens if usage else 0,
@@ -90,10 +92,39 @@ def _final(cls: type, model: str, started: float, usage: Usage | None, finish: s
     )
 
 
-def _load_answer(cls: type, model: str, keep_alive: object, **fields: object) -> Response[bytes]:
-    """An empty prompt is Ollama's load check (keep_alive 0: unload); models here are always loaded."""
-    reason = "unload" if keep_alive in (0, "0", "0s", "0m") else "load"
-    return _json(cls(model=model, created_at=now(), done=True, done_reason=reason, load_duration=0, **fields))
+def _keep_alive(value: str | float | None) -> float | None:
+    try:
+        return keep_alive_seconds(value)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), "keep_alive") from None
+
+
+async def _load_answer(
+    serving: Serving, cls: type, model: str, keep_alive: str | float | None, **fields: object
+) -> Response[bytes]:
+    """An empty prompt is Ollama's load request: the model is loaded (and stays for keep_alive), or with
+    keep_alive 0 unloaded. load_duration is the time this request waited for the load."""
+    _, config = serving.resolve(model, resolve)
+    seconds = _keep_alive(keep_alive)
+    started = time.perf_counter()
+    if seconds == 0:
+        await serving.registry.unload(config.name)
+        reason, load_s = "unload", 0.0
+    else:
+        hold = await serving.registry.acquire(config.name, seconds)
+        hold.release()
+        reason, load_s = "load", hold.load_s
+    return _json(
+        cls(
+            model=model,
+            created_at=now(),
+            done=True,
+            done_reason=reason,
+            load_duration=int(load_s * NS),
+            total_duration=int((time.perf_counter() - started) * NS),
+            **fields,
+        )
+    )
 
 
 @post(
@@ -105,9 +136,15 @@ async def generate(request: Request, serving: NamedDependency[Serving]) -> Respo
     started = time.perf_counter()
     body = decode_body(await request.body(), wire.GenerateRequest)
     if not body.prompt:
-        serving.resolve(body.model, resolve)
-        return _load_answer(wire.GenerateChunk, body.model, body.keep_alive, response="")
-    generation = await serving.generate(request, body.model, generate_request(body), names=param_name, resolver=resolve)
+        return await _load_answer(serving, wire.GenerateChunk, body.model, body.keep_alive, response="")
+    generation = await serving.generate(
+        request,
+        body.model,
+        generate_request(body),
+        names=param_name,
+        resolver=resolve,
+        keep_alive=_keep_alive(body.keep_alive),
+    )
     if body.stream:
 
         def piece(delta: Delta) -> wire.GenerateChunk:
@@ -121,7 +158,15 @@ async def generate(request: Request, serving: NamedDependency[Serving]) -> Respo
             )
 
         def final(delta: Delta, _calls: list) -> msgspec.Struct:
-            return _final(wire.GenerateChunk, body.model, started, delta.usage, delta.finish_reason, response="")
+            return _final(
+                wire.GenerateChunk,
+                body.model,
+                started,
+                delta.usage,
+                delta.finish_reason,
+                generation.load_s,
+                response="",
+            )
 
         return generation.respond(_lines(generation, piece, final), ndjson_error, NDJSON)
     [choice] = (await generation.collect()).values()
@@ -131,6 +176,7 @@ async def generate(request: Request, serving: NamedDependency[Serving]) -> Respo
         started,
         choice.usage,
         choice.finish_reason,
+        generation.load_s,
         response=choice.text,
         thinking=choice.reasoning or None,
         logprobs=logprobs(choice.logprobs),
@@ -143,11 +189,17 @@ async def chat(request: Request, serving: NamedDependency[Serving]) -> Response:
     started = time.perf_counter()
     body = decode_body(await request.body(), wire.ChatRequest)
     if not body.messages:
-        serving.resolve(body.model, resolve)
-        return _load_answer(
-            wire.ChatChunk, body.model, body.keep_alive, message=wire.Reply(role="assistant", content="")
+        return await _load_answer(
+            serving, wire.ChatChunk, body.model, body.keep_alive, message=wire.Reply(role="assistant", content="")
         )
-    generation = await serving.generate(request, body.model, chat_request(body), names=param_name, resolver=resolve)
+    generation = await serving.generate(
+        request,
+        body.model,
+        chat_request(body),
+        names=param_name,
+        resolver=resolve,
+        keep_alive=_keep_alive(body.keep_alive),
+    )
     if body.stream:
 
         def piece(delta: Delta) -> wire.ChatChunk:
@@ -157,7 +209,15 @@ async def chat(request: Request, serving: NamedDependency[Serving]) -> Response:
 
         def final(delta: Delta, calls: list) -> msgspec.Struct:
             message = wire.Reply(role="assistant", content="", tool_calls=tool_calls(calls))
-            return _final(wire.ChatChunk, body.model, started, delta.usage, delta.finish_reason, message=message)
+            return _final(
+                wire.ChatChunk,
+                body.model,
+                started,
+                delta.usage,
+                delta.finish_reason,
+                generation.load_s,
+                message=message,
+            )
 
         return generation.respond(_lines(generation, piece, final), ndjson_error, NDJSON)
     [choice] = (await generation.collect()).values()
@@ -174,6 +234,7 @@ async def chat(request: Request, serving: NamedDependency[Serving]) -> Response:
             started,
             choice.usage,
             choice.finish_reason,
+            generation.load_s,
             message=message,
             logprobs=logprobs(choice.logprobs),
         )
@@ -210,7 +271,12 @@ async def embed(request: Request, serving: NamedDependency[Serving]) -> Response
         _, config = serving.resolve(body.model, resolve)
         check_task(config, "embed")
         return _json(wire.EmbedResponse(model=body.model, embeddings=[]))
-    result = await serving.embed(request, body.model, _embedding(body.model, inputs, body.truncate, body.dimensions))
+    result = await serving.embed(
+        request,
+        body.model,
+        _embedding(body.model, inputs, body.truncate, body.dimensions),
+        keep_alive=_keep_alive(body.keep_alive),
+    )
     return _json(
         wire.EmbedResponse(
             model=body.model,
@@ -229,7 +295,9 @@ async def embeddings(request: Request, serving: NamedDependency[Serving]) -> Res
         _, config = serving.resolve(body.model, resolve)
         check_task(config, "embed")
         return _json(wire.EmbeddingsResponse(embedding=[]))
-    result = await serving.embed(request, body.model, _embedding(body.model, [body.prompt], True, None))
+    result = await serving.embed(
+        request, body.model, _embedding(body.model, [body.prompt], True, None), keep_alive=_keep_alive(body.keep_alive)
+    )
     return _json(wire.EmbeddingsResponse(embedding=result.vectors[0]))
 
 
@@ -277,9 +345,10 @@ async def tags_head() -> Response[None]:
 async def ps(registry: NamedDependency[EngineRegistry]) -> Response[bytes]:
     running = []
     for name, engine in registry:
-        if not engine.ready:
+        if registry.load_state(name)["state"] != "ready" or not engine.ready:
             continue
         info = engine.info
+        expires = registry.expires_at(name)
         running.append(
             wire.RunningModel(
                 name=tagged(name),
@@ -287,7 +356,7 @@ async def ps(registry: NamedDependency[EngineRegistry]) -> Response[bytes]:
                 size=info.size_bytes or 0,
                 digest=await _digest(engine),
                 details=details(info),
-                expires_at=NEVER_EXPIRES,
+                expires_at=NEVER_EXPIRES if expires is None else rfc3339(expires),
                 size_vram=(info.size_bytes or 0) if info.on_gpu else 0,
                 context_length=info.context_length or 0,
             )

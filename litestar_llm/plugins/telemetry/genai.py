@@ -88,6 +88,20 @@ class GenAIMetrics:
             ("litestar_llm.engine.prompt_cache.hit_rate", "prompt_cache_hit_rate", "1", "Prompts that reused a prefix"),
         ):
             meter.create_observable_gauge(name, [self._gauge(stat)], unit=unit, description=description)
+        meter.create_observable_gauge(
+            "litestar_llm.model.state",
+            [self._states],
+            unit="1",
+            description="Per model, 1 for its lifecycle state now (unloaded, loading, ready, draining, failed), 0 else",
+        )
+
+    def _states(self, _options: CallbackOptions) -> Iterable[Observation]:
+        from litestar_llm.engine.registry import STATES
+
+        for name, engine in self._engines():
+            now = getattr(engine, "lifecycle_state", "ready")
+            for state in STATES:
+                yield Observation(int(state == now), {"gen_ai.request.model": name, "litestar_llm.model.state": state})
 
     def _gauge(self, stat: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def observe(_options: CallbackOptions) -> Iterable[Observation]:
