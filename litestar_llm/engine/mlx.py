@@ -294,8 +294,13 @@ class MLXEngine(Engine):
         """Let go of the weights, caches and tokenizer, and hand MLX's freed buffers back to the system, so that
         an unloaded model's memory really goes (RSS drops)."""
         self._model = self._tokenizer = self._parsers = None
-        self._prompt_cache = LRUPromptCache(max_size=self.backend.prompt_cache_size)
+        self._prefixes.clear()
         gc.collect()
+        self.release_freed_memory()
+
+    @staticmethod
+    def release_freed_memory() -> None:
+        """MLX keeps freed buffers for reuse: hand them back (also after the engine itself is collected)."""
         mx.clear_cache()
 
     @property

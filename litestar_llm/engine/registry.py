@@ -539,8 +539,12 @@ class EngineRegistry:
                 await old.close()
             except Exception as exc:
                 logger.warning("closing model '%s' failed: %s", slot.config.name, exc)
+            release = getattr(old, "release_freed_memory", None)  # a backend's own cache of freed buffers
             del old
             gc.collect()
+            if release is not None:
+                release()
+            _malloc_trim()
             self._set_state(slot, "unloaded", f"{why}; process RSS now {_size(_rss())}")
         finally:
             slot.unloading = None
@@ -741,6 +745,14 @@ def _missing_from_hub_cache(model: ModelConfig, kind: str) -> str | None:
         f"Hugging Face repo {model.source} is not in the local cache and HF_HUB_OFFLINE is set: "
         f"run `litestar-llm pull {model.name}` where the hub can be reached"
     )
+
+
+def _malloc_trim() -> None:
+    """Give the C heap's free pages back to the system (glibc keeps them otherwise, and RSS would not fall)."""
+    with suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _rss() -> int:
