@@ -234,11 +234,8 @@ def test_stops_seeds_and_choices(client: openai.OpenAI) -> None:
     stopped = client.chat.completions.create(
         model="tiny", messages=HELLO, response_format=json_format(PERSON), stop=[":"], seed=12
     )
-    assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].message.content in (
-        '{"name"',
-        '{"age"',
-        '{"pet"',
-    )
+    answer = stopped.choices[0]
+    assert answer.finish_reason == "stop" and answer.message.content == '{"name"'  # properties in the schema's order
     first, again = (
         client.chat.completions.create(
             model="tiny", messages=HELLO, response_format=json_format(PERSON), n=4, seed=13, temperature=1.0
@@ -321,25 +318,36 @@ def test_forced_tool_calls(client: openai.OpenAI) -> None:
         {"type": "function", "function": {"name": "get_time", "parameters": zone}},
     ]
     ask = [{"role": "user", "content": "Weather in Paris?"}]
+    off = {"chat_template_kwargs": {"enable_thinking": False}}  # a random model would think forever
     named = client.chat.completions.create(
-        model="toolish", messages=ask, tools=tools, tool_choice={"type": "function", "function": {"name": "get_time"}}
+        model="toolish",
+        messages=ask,
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        extra_body=off,
     )
     (call,) = named.choices[0].message.tool_calls
     assert named.choices[0].finish_reason == "tool_calls" and call.function.name == "get_time"
     jsonschema.validate(json.loads(call.function.arguments), zone)
-    for seed in range(2):
+    # vLLM's schema lets an array element carry keys besides name and parameters, which a random model may fill
+    # without end: some seeds run to max_tokens; the calls that come are whole and valid
+    finished = []
+    for seed in range(4):
         required = client.chat.completions.create(
-            model="toolish", messages=ask, tools=tools, tool_choice="required", seed=seed, max_tokens=400,
-            parallel_tool_calls=False,
+            model="toolish", messages=ask, tools=tools, tool_choice="required", seed=seed, max_tokens=300,
+            parallel_tool_calls=False, extra_body=off,
         )  # fmt: skip
-        (call,) = required.choices[0].message.tool_calls
-        assert required.choices[0].finish_reason == "tool_calls"
-        jsonschema.validate(
-            json.loads(call.function.arguments), weather if call.function.name == "get_weather" else zone
-        )
+        choice = required.choices[0]
+        assert choice.finish_reason in ("tool_calls", "length")
+        if choice.finish_reason == "tool_calls":
+            (call,) = choice.message.tool_calls
+            finished.append(call.function.name)
+            schema = weather if call.function.name == "get_weather" else zone
+            jsonschema.validate(json.loads(call.function.arguments), schema)
+    assert finished
     stream = client.chat.completions.create(
         model="toolish", messages=ask, tools=tools, stream=True,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, extra_body=off,
     )  # fmt: skip
     fragments = [c.choices[0].delta.tool_calls for c in stream if c.choices and c.choices[0].delta.tool_calls]
     assert fragments[0][0].function.name == "get_weather" and len(fragments) > 2
@@ -385,3 +393,27 @@ def test_a_slow_compile_does_not_stall_other_streams(client: openai.OpenAI) -> N
     gaps = [b - a for a, b in zip([sent, *during], [*during, compiled], strict=True)]
     assert compiled - sent > 0.5, "the schema compiled too fast to tell"
     assert len(during) >= 3 and max(gaps) < 0.5 * (compiled - sent), (max(gaps), compiled - sent, len(during))
+
+
+def test_a_thinking_model_thinks_first(tool_model: Path) -> None:
+    """On a model with thinking markers (special tokens), the grammar leaves the thinking block free and constrains
+    what follows, as vLLM applies structured output after the thinking; a prompt that opened the block already
+    starts inside it. In process: llguidance's matcher on the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from litestar_llm.engine.mlx_grammar import Grammars, constraint_of
+    from litestar_llm.engine.types import SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(tool_model)
+    grammars = Grammars(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    start, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<think>", "</think>"))
+    _, kind, text = constraint_of(SamplingParams(json_schema=PERSON))
+
+    def accepts(opened: bool, output: str) -> bool:
+        matcher = grammars.matcher("response_format", *grammars.after_thinking(kind, text, (start,), (end,), opened))
+        return matcher.consume_tokens(tokenizer.encode(output, add_special_tokens=False)) and matcher.is_accepting()
+
+    document = '{"name":"Ada","age":36,"pet":"cat"}'
+    assert accepts(False, document) and accepts(False, f"<think>A person.\n</think>\n\n{document}")
+    assert not accepts(False, f"Sure: {document}") and not accepts(False, '<think>x</think>{"name":1}')
+    assert accepts(True, f"still thinking</think>{document}") and not accepts(True, document)

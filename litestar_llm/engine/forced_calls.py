@@ -62,24 +62,31 @@ def _call_id() -> str:
 class ForcedCallSplitter:
     """One forced sequence's output as tool-call fragments (the OutputSplitter interface of the MLX engine)."""
 
-    __slots__ = ("_array", "_decoder", "_named", "_text", "called", "reasoning_tokens")
+    __slots__ = ("_array", "_decoder", "_named", "_text", "_thinking", "called")
 
-    def __init__(self, request: GenerationRequest) -> None:
+    def __init__(self, request: GenerationRequest, thinking: Any = None) -> None:
+        """`thinking`: the splitter of the model's thinking block, which comes before the call, for a model that
+        thinks."""
         choice = request.tool_choice
         self._named = choice.name if isinstance(choice, NamedToolChoice) else None
         self._text = ""
         self._array = 0  # calls of the array already sent
         self._decoder = json.JSONDecoder()
+        self._thinking = thinking
         self.called = False
-        self.reasoning_tokens = 0
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return self._thinking.reasoning_tokens if self._thinking is not None else 0
 
     def split(self, delta: Delta) -> Delta:
+        if self._thinking is not None:
+            delta = self._thinking.split(delta)
         text, delta.text = delta.text, ""
         calls: list[ToolCallDelta] = []
         if self._named is not None:
-            if not self.called:
+            if text and not self.called:
                 calls.append(ToolCallDelta(index=0, id=_call_id(), name=self._named, arguments=text))
-                self.called = True
             elif text:
                 calls.append(ToolCallDelta(index=0, arguments=text))
         else:
@@ -89,7 +96,7 @@ class ForcedCallSplitter:
             delta.tool_calls = calls
             self.called = True
         if delta.usage is not None:
-            delta.usage.reasoning_tokens = 0
+            delta.usage.reasoning_tokens = self.reasoning_tokens
         if delta.finish_reason == "stop" and self.called:
             delta.finish_reason = "tool_calls"
         return delta

@@ -398,7 +398,8 @@ class MLXEngine(Engine):
         apply to the answer alone, after splitting, so the thread's own matcher gets none."""
         sequence = self._prepare(request, fault)
         if sequence.matcher is not None and forced(request):
-            splitter = ForcedCallSplitter(request)
+            thinking = self._parsers.splitter(msgspec.structs.replace(request, tools=[]), sequence.prompt)
+            splitter = ForcedCallSplitter(request, thinking)
         else:
             splitter = self._parsers.splitter(request, sequence.prompt) if self._parsers is not None else None
         if splitter is None or not request.sampling.stop:
@@ -458,12 +459,13 @@ class MLXEngine(Engine):
                 param="max_tokens",
             )
         sequence = _Sequence(request, prompt, max_tokens or room, fault)
-        sequence.matcher = self._matcher(request)
+        sequence.matcher = self._matcher(request, prompt)
         return sequence
 
-    def _matcher(self, request: GenerationRequest) -> Any:
+    def _matcher(self, request: GenerationRequest, prompt: list[int]) -> Any:
         """The sequence's grammar matcher (compiled here, off the event loop and the generation thread, cached by
-        its text), or None for free decoding. A forced tool call is decoded with vLLM's schema for it."""
+        its text), or None for free decoding. A forced tool call is decoded with vLLM's schema for it; a model
+        that thinks thinks first, freely."""
         constraint = mlx_grammar.constraint_of(request.sampling)
         schema = forced_call_schema(request) if request.messages is not None else None
         if schema is not None:
@@ -474,7 +476,15 @@ class MLXEngine(Engine):
             raise InvalidRequestError(
                 f"constrained decoding needs llguidance, which is not installed: {_LLGUIDANCE}", constraint[0]
             )
-        return self._grammars.matcher(*constraint)
+        matcher = self._grammars.matcher(*constraint)  # the constraint alone: its errors name what the client sent
+        tokenizer = self._tokenizer
+        if request.messages is not None and self.info.thinking and request.thinking:
+            opened = tokenizer.rfind_think_start(prompt) > tokenizer.rfind_think_end(prompt)
+            start, end = tokenizer.think_start_tokens or (), tokenizer.think_end_tokens or ()
+            kind, text = self._grammars.after_thinking(*constraint[1:], start, end, opened)
+            if kind != constraint[1]:
+                matcher = self._grammars.matcher(constraint[0], kind, text)
+        return matcher
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return len(await asyncio.to_thread(self._encode, request))

@@ -54,7 +54,8 @@ def constraint_of(s: SamplingParams) -> tuple[str, str, str] | None:
     """(field, kind, text) of the request's constraint: the engine field an error names, llguidance's grammar
     kind, and the text grammars are compiled and cached by. None when decoding is free."""
     if s.json_schema is not None:
-        return "response_format", "json", json.dumps(s.json_schema, sort_keys=True, separators=(",", ":"))
+        # keys in the client's order: llguidance writes properties in the order the schema lists them
+        return "response_format", "json", json.dumps(s.json_schema, separators=(",", ":"))
     if s.json_object:
         return "response_format", "json", '{"type":"object"}'
     if s.regex is not None:
@@ -94,6 +95,29 @@ class Grammars:
                 while len(self._compiled) > CACHE_SIZE:
                     self._compiled.popitem(last=False)
         return template.deep_copy()
+
+    def after_thinking(
+        self, kind: str, text: str, start: tuple[int, ...], end: tuple[int, ...], opened: bool
+    ) -> tuple[str, str]:
+        """The constraint with the model's thinking block first, free (as vLLM applies structured output after the
+        thinking): a Lark grammar `think? body`, or `thought end body` where the prompt opened the block. Only for
+        JSON and regex bodies and markers made of special tokens (which no text lexeme can swallow); otherwise the
+        constraint as it is, from the first token."""
+        special = self.tokenizer.is_special_token
+        if kind not in ("json", "regex") or not start or not end or not all(special(t) for t in (*start, *end)):
+            return kind, text
+        if kind == "json":
+            schema = json.loads(text)
+            schema.setdefault("x-guidance", JSON_OPTIONS)
+            body = "%json " + json.dumps(schema)
+        else:
+            body = "/" + text.replace("/", "\\/") + "/"
+        opening, closing = ("".join(f"<[{t}]>" for t in ids) for ids in (start, end))
+        lines = [f"start: THOUGHT {closing} GAP body"]
+        if not opened:
+            lines = ["start: think? body", f"think: {opening} THOUGHT {closing} GAP"]
+        lines += ["THOUGHT: /(.|\\n)*/", "GAP: /\\n{0,2}/", f"body: {body}"]
+        return "lark", "\n".join(lines)
 
     def _compile(self, field: str, kind: str, text: str) -> Any:
         try:
