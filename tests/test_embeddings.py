@@ -334,3 +334,46 @@ def test_telemetry_records_the_embeddings_operation(server, tokenizer) -> None:
     ]
     assert counts and counts[0].labels["gen_ai_token_type"] == "input"
     assert sum(s.value for s in counts) >= tokens
+
+
+# -- the openai backend: a gateway in front of this module's server -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gateway(start_server, server):
+    upstream = f"{server.url}/v1"
+    gateway = start_server(
+        f"""
+        [routes]
+        openai = true
+        ollama = true
+        [backends.fleet]
+        kind = "openai"
+        urls = ["{upstream}", "{upstream}/"]
+        api_key = "embed-all-key"
+        [[models]]
+        name = "remote-embed"
+        backend = "fleet"
+        source = "embed"
+        task = "embed"
+        """
+    )
+    yield gateway
+    gateway.stop()
+
+
+def test_remote_passthrough_is_balanced_and_equal(server, gateway) -> None:
+    direct = post(server, "/v1/embeddings", {"model": "embed", "input": TEXTS, "encoding_format": "float"}).json()
+    for _ in range(2):
+        through = post(gateway, "/v1/embeddings", {"model": "remote-embed", "input": TEXTS, "encoding_format": "float"})
+        assert through.status_code == 200, through.text
+        openai_schema("CreateEmbeddingResponse", through.json())
+        assert [d["embedding"] for d in through.json()["data"]] == [d["embedding"] for d in direct["data"]]
+        assert through.json()["usage"] == direct["usage"] and through.json()["model"] == "remote-embed"
+    replicas = httpx.get(f"{gateway.url}/ready").json()["models"]["remote-embed"]["replicas"]
+    assert [r["served"] for r in replicas] == [1, 1]
+    long = "json " * (CONTEXT + 10)
+    cut = post(gateway, "/api/embed", {"model": "remote-embed", "input": long})
+    assert cut.status_code == 200 and cut.json()["prompt_eval_count"] == CONTEXT
+    refused = post(gateway, "/v1/embeddings", {"model": "remote-embed", "input": [long]})
+    assert_openai_error(refused, 400, "input[0]")  # the upstream's own 400, passed through

@@ -39,6 +39,8 @@ from litestar_llm.engine.base import Engine, ModelInfo
 from litestar_llm.engine.types import (
     ChatMessage,
     Delta,
+    EmbeddingRequest,
+    Embeddings,
     FinishReason,
     GenerationRequest,
     NamedToolChoice,
@@ -200,6 +202,23 @@ _decode_error = msgspec.json.Decoder(_ErrorBody).decode
 _decode_models = msgspec.json.Decoder(_ModelList).decode
 _decode_readiness = msgspec.json.Decoder(_Readiness).decode
 _decode_count = msgspec.json.Decoder(_TokenCount).decode
+
+
+class _EmbeddingData(msgspec.Struct):
+    index: int
+    embedding: list[float]
+
+
+class _EmbeddingUsage(msgspec.Struct):
+    prompt_tokens: int = 0
+
+
+class _EmbeddingList(msgspec.Struct):
+    data: list[_EmbeddingData]
+    usage: _EmbeddingUsage | None = None
+
+
+_decode_embeddings = msgspec.json.Decoder(_EmbeddingList).decode
 _encode = msgspec.json.Encoder().encode
 
 
@@ -249,7 +268,7 @@ class _Replica:
         self.name = _public(url)
         self.session = session
         root = _server_root(url)
-        self.urls = {kind: URL(f"{url}/{kind}") for kind in ("chat/completions", "completions", "models")}
+        self.urls = {kind: URL(f"{url}/{kind}") for kind in ("chat/completions", "completions", "models", "embeddings")}
         self.urls["ready"] = URL(f"{root}/ready")
         self.urls["tokenize"] = URL(f"{root}/tokenize")
         self.in_flight = 0
@@ -290,6 +309,7 @@ class RemoteEngine(Engine):
             structured_output=True,
             tools=True,
             thinking=True,
+            embeddings=model.task == "embed",
         )
         self._replicas: list[_Replica] = []
         self._turn = 0
@@ -564,6 +584,50 @@ class RemoteEngine(Engine):
                         response.release()
                     else:
                         response.close()
+
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        """`POST {url}/embeddings` on the least busy replica, as floats. Nothing streams, so a replica that fails
+        is retried once on another (a 4xx is the request's own and goes back as it is)."""
+        body: dict[str, Any] = {"model": self.config.source, "input": request.input, "encoding_format": "float"}
+        if request.dimensions is not None:
+            body["dimensions"] = request.dimensions  # the upstream knows whether its model allows it
+        if request.truncate:
+            body["truncate_prompt_tokens"] = -1  # vLLM's: cut to the model's context
+        data = _encode(body)
+        tried: list[_Replica] = []
+        failures: list[str] = []
+        while True:
+            replica = self._pick(tried)
+            if replica is None:
+                failures.append(f"no replica of backend '{self.backend_name}' is up")
+                raise EngineUnavailableError(f"model '{self.info.name}': {'; '.join(failures)}")
+            tried.append(replica)
+            replica.in_flight += 1
+            try:
+                async with replica.session.post(replica.urls["embeddings"], data=data) as response:
+                    if response.status >= 400:
+                        raise await self._refusal(replica, response)
+                    answer = _decode_embeddings(await response.read())
+                replica.served += 1
+                replica.consecutive = 0
+                vectors = [item.embedding for item in sorted(answer.data, key=lambda item: item.index)]
+                return Embeddings(vectors=vectors, prompt_tokens=answer.usage.prompt_tokens if answer.usage else 0)
+            except UpstreamError:
+                replica.served += 1
+                replica.consecutive = 0
+                raise
+            except msgspec.MsgspecError as exc:
+                raise EngineUnavailableError(
+                    f"model '{self.info.name}': replica {replica.name} answered no embedding list ({exc})"
+                ) from None
+            except (*_TRANSPORT_ERRORS, _ReplicaFailed) as exc:
+                sent = not isinstance(exc, _NOT_SENT)
+                self._failed(replica, exc, sent)
+                failures.append(f"replica {replica.name} failed ({_reason(exc)})")
+                if len(tried) > 1 and sent:
+                    raise EngineUnavailableError(f"model '{self.info.name}': {'; '.join(failures)}") from None
+            finally:
+                replica.in_flight -= 1
 
     def _upstream_body(self, request: GenerationRequest) -> tuple[str, bytes]:
         """The upstream request: the sampling fields that differ from their defaults (OpenAI itself refuses

@@ -37,6 +37,8 @@ from litestar_llm.engine.spacing import MarkerSpacing
 from litestar_llm.engine.types import (
     ChatMessage,
     Delta,
+    EmbeddingRequest,
+    Embeddings,
     FinishReason,
     GenerationRequest,
     NamedToolChoice,
@@ -48,7 +50,7 @@ from litestar_llm.engine.types import (
 from litestar_llm.errors import EngineUnavailableError, InvalidRequestError, MissingDependencyError, ModelLoadError
 
 try:
-    from vllm import AsyncEngineArgs
+    from vllm import AsyncEngineArgs, PoolingParams
     from vllm import SamplingParams as VLLMSamplingParams
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -108,8 +110,9 @@ class VLLMEngine(Engine):
             backend="vllm",
             source=model.source,
             created=int(time.time()),
-            structured_output=True,
+            structured_output=model.task != "embed",
             max_seed=MAX_SEED,
+            embeddings=model.task == "embed",
         )
         self._llm: Any = None
         self._tokenizer: Any = None
@@ -142,6 +145,7 @@ class VLLMEngine(Engine):
         self._vocab_size = model_config.get_vocab_size()
         self.info = msgspec.structs.replace(
             self.info,
+            embedding_size=model_config.get_hidden_size() if self.config.task == "embed" else None,
             vocab_size=self._vocab_size,
             tools=self._parsers.tool is not None,
             thinking=self._parsers.reasoning is not None,
@@ -165,6 +169,8 @@ class VLLMEngine(Engine):
             engine_args["reasoning_parser"] = self._parsers.reasoning
         elif getattr(self.config, "reasoning_parser", None) == "":
             engine_args.pop("reasoning_parser", None)
+        if self.config.task == "embed":
+            engine_args |= _pooling_args(self.config, engine_args)
         args = AsyncEngineArgs(model=self.config.source, **engine_args)
         stat_loggers = [_SchedulerStats(self._scheduler)]
         with _STARTING, _ChildOutput() as child_output:
@@ -251,6 +257,72 @@ class VLLMEngine(Engine):
             self._counters["in_flight"] -= 1
             # Closing vLLM's generator early (client gone) aborts the request in the engine.
             await outputs.aclose()
+
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        """Every input through `AsyncLLM.encode` at once: vLLM's scheduler batches them with other requests."""
+        if not self.info.embeddings:
+            return await super().embed(request)
+        if not self.ready:
+            raise EngineUnavailableError(f"model '{self.info.name}' is not loaded")
+        inputs = await asyncio.to_thread(self._embedding_inputs, request)
+        engine_inputs = [await self._engine_input(ids) for ids in inputs]
+        self._counters["requests"] += 1
+        self._counters["in_flight"] += 1
+        self._counters["prompt_tokens"] += sum(map(len, inputs))
+        try:
+            vectors = await asyncio.gather(*(self._embed_one(item) for item in engine_inputs))
+        except EngineDeadError as exc:
+            self._alive = False
+            raise EngineUnavailableError(f"model '{self.info.name}' stopped: {_one_line(exc)}") from None
+        except VLLMValidationError as exc:
+            raise _invalid(exc) from None
+        finally:
+            self._counters["in_flight"] -= 1
+        return Embeddings(vectors=list(vectors), prompt_tokens=sum(map(len, inputs)))
+
+    async def _embed_one(self, engine_input: Any) -> list[float]:
+        outputs = self._llm.encode(engine_input, PoolingParams(task="embed"), f"{self.info.name}-{uuid.uuid4().hex}")
+        try:
+            async for out in outputs:
+                if out.finished:
+                    if getattr(out, "error", None) is not None:
+                        raise EngineUnavailableError(f"model '{self.info.name}': vLLM failed this embedding")
+                    return out.outputs.data.tolist()
+            raise EngineUnavailableError(f"model '{self.info.name}': the embedding ended without a result")
+        finally:
+            await outputs.aclose()  # closed early (client gone, a sibling failed): aborted in the engine
+
+    async def count_input_tokens(self, request: EmbeddingRequest) -> int | None:
+        if not self.info.embeddings:
+            return None
+        return sum(map(len, await asyncio.to_thread(self._embedding_inputs, request)))
+
+    def _embedding_inputs(self, request: EmbeddingRequest) -> list[list[int]]:
+        """Token ids per input as vLLM's embedding endpoint makes them; one beyond the context is cut (`truncate`)
+        or refused naming its index."""
+        context = self.info.context_length or 0
+        inputs = []
+        for i, item in enumerate(request.input):
+            if isinstance(item, str):
+                ids = list(self._tokenizer.encode(item, add_special_tokens=True))
+            else:
+                if any(not 0 <= t < self._vocab_size for t in item):
+                    raise InvalidRequestError(
+                        f"input[{i}]: token ids must be in [0, {self._vocab_size})", f"input[{i}]"
+                    )
+                ids = list(item)
+            if context and len(ids) > context:
+                if not request.truncate:
+                    raise InvalidRequestError(
+                        f"input[{i}] has {len(ids)} tokens, more than the model's maximum context length of "
+                        f"{context} tokens",
+                        param=f"input[{i}]",
+                    )
+                ids = ids[:context]
+            if not ids:
+                raise InvalidRequestError(f"input[{i}]: no tokens to embed", f"input[{i}]")
+            inputs.append(ids)
+        return inputs
 
     def _prepare(self, request: GenerationRequest) -> tuple[list[int], _Parsing | None]:
         """The prompt's tokens and, for a chat request on a model with parsers, the sequence's parsing."""
@@ -859,6 +931,25 @@ def _one_line(exc: BaseException) -> str:
             pass
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+def _pooling_args(model: ModelConfig, engine_args: dict[str, Any]) -> dict[str, Any]:
+    """A generation model's weights served as an embedding model: vLLM's pooling runner, converted for `embed`,
+    with the [[models]] entry's pooling and normalize where it sets them (engine_args may set any of this too)."""
+    args: dict[str, Any] = {
+        "runner": engine_args.get("runner", "pooling"),
+        "convert": engine_args.get("convert", "embed"),
+    }
+    pooler = dict(engine_args.get("pooler_config") or {})
+    if model.pooling is not None:
+        pooler.setdefault("pooling_type", model.pooling.upper())
+    if model.normalize is not None:
+        pooler.setdefault("use_activation", model.normalize)
+    if pooler:
+        from vllm.config import PoolerConfig
+
+        args["pooler_config"] = PoolerConfig(**pooler)
+    return args
 
 
 def _model_info(info: ModelInfo, model_config: Any, tokenizer: Any, folder: Path) -> ModelInfo:

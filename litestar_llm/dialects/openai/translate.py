@@ -287,11 +287,13 @@ def completion_logprobs(logprobs: list[TokenLogprob], offset: int) -> wire.Compl
 
 
 def embedding_request(body: wire.EmbeddingRequest) -> Callable[[ModelConfig, ModelInfo], EmbeddingRequest]:
-    """OpenAI's four shapes of `input` as one list of inputs; an input longer than the context is refused."""
+    """OpenAI's four shapes of `input` as one list of inputs; an input longer than the context is refused (unless
+    vLLM's `truncate_prompt_tokens: -1` asks to cut it)."""
     inputs = _embedding_inputs(body.input)
 
     def build(_config: ModelConfig, _info: ModelInfo) -> EmbeddingRequest:
-        return EmbeddingRequest(model=body.model, input=inputs, dimensions=body.dimensions)
+        truncate = body.truncate_prompt_tokens == -1
+        return EmbeddingRequest(model=body.model, input=inputs, dimensions=body.dimensions, truncate=truncate)
 
     return build
 

@@ -272,6 +272,8 @@ class EmbeddingRequest(Struct, kw_only=True):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
+    truncate_prompt_tokens: Literal[-1] | None = None
+    """vLLM's extension, -1 only: cut an input longer than the context instead of refusing it."""
 
 
 class Embedding(Struct):
