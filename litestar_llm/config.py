@@ -134,9 +134,10 @@ class MLXBackendConfig(_Backend, tag="mlx", tag_field="kind"):
     4 x max_batch_size."""
     max_queue_wait_s: Annotated[float, Meta(gt=0)] = 60.0
     """A request that waited this long without a batch slot is dropped from the queue and answered 503."""
-    embed_batch_tokens: Positive = 8192
+    embed_batch_tokens: Positive = 2048
     """An embedding model's forward pass holds this many padded tokens at most (inputs of many requests share
-    one); one pass runs between two decode steps."""
+    one; a longer input goes alone); one pass runs per turn of its generation thread, and like a prefill chunk it
+    bounds how long the work queued beside a decode step can be."""
 
 
 class VLLMBackendConfig(_Backend, tag="vllm", tag_field="kind"):

@@ -2,10 +2,11 @@
 from the final hidden states of mlx-lm's own forward pass. No other library: mlx-embeddings is GPLv3.
 
 Tokenizing and the length checks run off both the event loop and the generation thread (`prepare`); the forward
-passes run on the model's generation thread, one batch per turn of its loop, between two decode steps, so a batch
-is bounded by `embed_batch_tokens` (padded) and a stream on the same thread waits for at most one batch. Inputs of
-many requests share a batch. Rows are padded on the right: attention is causal, so a real token never attends to
-the padding after it, and pooling reads the real positions only. That is exact without an attention mask.
+passes run on the model's generation thread, one batch per turn of its loop (where a generation model decodes one
+step), each bounded by `embed_batch_tokens` padded tokens, so the work queued on the device beside another model's
+decode step is bounded like a prefill chunk. Inputs of many requests share a batch. Rows are padded on the right:
+attention is causal, so a real token never attends to the padding after it, and pooling reads the real positions
+only. That is exact without an attention mask.
 """
 
 from __future__ import annotations
