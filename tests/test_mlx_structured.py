@@ -229,13 +229,15 @@ def test_length_cut_is_a_valid_prefix(client: openai.OpenAI, tokenizer) -> None:
     assert not matcher.is_accepting()
 
 
-def test_stops_seeds_and_choices(client: openai.OpenAI) -> None:
-    """Stop strings still end the text; a seed reproduces; n > 1 gives each choice its own matcher."""
+def test_stops_seeds_and_choices(client: openai.OpenAI, server: Server) -> None:
+    """Stop strings still end the text; a seed reproduces; n > 1 gives each choice its own matcher, from a
+    grammar compiled once for the schema's text."""
     stopped = client.chat.completions.create(
         model="tiny", messages=HELLO, response_format=json_format(PERSON), stop=[":"], seed=12
     )
     answer = stopped.choices[0]
     assert answer.finish_reason == "stop" and answer.message.content == '{"name"'  # properties in the schema's order
+    compiled = server.stats()["grammars_compiled"]
     first, again = (
         client.chat.completions.create(
             model="tiny", messages=HELLO, response_format=json_format(PERSON), n=4, seed=13, temperature=1.0
@@ -247,6 +249,7 @@ def test_stops_seeds_and_choices(client: openai.OpenAI) -> None:
     for text in texts:
         jsonschema.validate(json.loads(text), PERSON)
     assert len(set(texts)) > 1  # four choices, four matchers: not one document repeated
+    assert server.stats()["grammars_compiled"] == compiled  # eight sequences, the schema's grammar from the cache
 
 
 def test_sixteen_at_once_half_constrained(client: openai.OpenAI, server: Server) -> None:

@@ -294,6 +294,7 @@ class MLXEngine(Engine):
         """Let go of the weights, caches and tokenizer, and hand MLX's freed buffers back to the system, so that
         an unloaded model's memory really goes (RSS drops)."""
         self._model = self._tokenizer = self._parsers = None
+        self._grammars = self._masks = None
         self._prefixes.clear()
         gc.collect()
         self.release_freed_memory()
@@ -322,6 +323,7 @@ class MLXEngine(Engine):
             "state": self._state,
             "error": self._error,
             "restarts": self._restarts,
+            "grammars_compiled": self._grammars.compiles if self._grammars is not None else 0,
         }
 
     # -- the event-loop side ---------------------------------------------------------------------------------
