@@ -10,7 +10,10 @@
 - Throughput with the page open vs closed: the streaming chat load of benchmarks/serving.py (C requests in flight,
   `--max-tokens` each) with and without a poller doing what an open page does (GET /ui/status every 2 s; `--pages`
   of them), alternating round by round; each figure the median round [min, max]. Target: open within 2% of closed.
-- `--ui-off`: the same load on a second server with `[routes] ui = false` (no in-memory metric reader at all).
+- `--ui-off`: the same load on a server with `[routes] ui = false` (no in-memory metric reader at all) and on one
+  with it on, alternating.
+Beside each throughput, the server's CPU time per output token (all its processes, from /proc): on a shared machine
+it varies less than wall-clock figures do.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import re
 import statistics
 import sys
@@ -33,6 +37,21 @@ from serving import Process, free_port, run_load
 
 POLL_S = 2.0
 """The page's own polling interval (ui.js POLL_MS)."""
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(group: int) -> float:
+    """User + system CPU time of every process in a process group (the server: the CLI and its granian workers),
+    from /proc: on a shared machine, CPU spent is steadier than wall-clock throughput."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[2]) == group:  # fields after the name: state, ppid, pgrp, ..., utime (11), stime (12)
+            total += int(fields[11]) + int(fields[12])
+    return total / TICK
 
 
 def start(model_path: str, ui: bool = True) -> tuple[Process, str]:
@@ -98,7 +117,9 @@ async def load_with_pages(base: str, pages: int, args: argparse.Namespace) -> tu
 
     async with httpx.AsyncClient(base_url=base, timeout=30) as client:
         pollers = [asyncio.create_task(page(client, i * POLL_S / max(pages, 1))) for i in range(pages)]
+        started = time.perf_counter()
         figures = await run_load(f"{base}/v1", "bench", args.requests, args.concurrency, args.max_tokens)
+        figures["wall_s"] = time.perf_counter() - started
         stop.set()
         await asyncio.gather(*pollers)
     return figures, polls
@@ -121,6 +142,7 @@ def main() -> None:
     parser.add_argument("--ui-off", action="store_true", help="also a server with [routes] ui = false")
     args = parser.parse_args()
     args.requests = args.requests or max(8 * args.concurrency, 32)
+    sys.stdout.reconfigure(line_buffering=True)  # figures as they come, even if a later part is cut short
 
     server, base = start(args.model_path)
     try:
@@ -129,19 +151,27 @@ def main() -> None:
         print(f"cold load /ui: {page / 1024:.1f} KiB in {page_requests} requests;", end=" ")
         print(f"/docs: {docs / 1024:.1f} KiB in {docs_requests} requests; ratio {page / docs:.3f}x")
 
-        status, ready = [], []
+        status, ready, status_ms, ready_ms = [], [], [], []
         for _ in range(args.rounds):
-            status.append(asyncio.run(hammer(f"{base}/ui/status", args.status_concurrency, args.seconds)))
-            ready.append(asyncio.run(hammer(f"{base}/ready", args.status_concurrency, args.seconds)))
+            for url, rates, costs in ((f"{base}/ui/status", status, status_ms), (f"{base}/ready", ready, ready_ms)):
+                before = cpu_seconds(server.proc.pid)
+                rates.append(asyncio.run(hammer(url, args.status_concurrency, args.seconds)))
+                costs.append(1000 * (cpu_seconds(server.proc.pid) - before) / (rates[-1] * args.seconds))
         ratios = [s / r for s, r in zip(status, ready, strict=True)]
         print(f"GET /ui/status req/s {spread(status)}  vs /ready {spread(ready)}  ratio {spread(ratios)}")
+        print(f"server CPU ms per answer: /ui/status {spread(status_ms)}  /ready {spread(ready_ms)}")
 
+        asyncio.run(load_with_pages(base, 0, args))  # warm-up: the first load after start-up pays for compiling
         closed, opened, ratios, polls = [], [], [], 0
+        cpu: dict[int, list[float]] = {0: [], args.pages: []}
         for i in range(args.rounds):
             order = (0, args.pages) if i % 2 == 0 else (args.pages, 0)
             figures = {}
             for pages in order:
+                before = cpu_seconds(server.proc.pid)
                 figures[pages], count = asyncio.run(load_with_pages(base, pages, args))
+                tokens = figures[pages]["tok_s"] * figures[pages]["wall_s"]
+                cpu[pages].append(1000 * (cpu_seconds(server.proc.pid) - before) / tokens)
                 polls += count
             closed.append(figures[0]["tok_s"])
             opened.append(figures[args.pages]["tok_s"])
@@ -150,6 +180,11 @@ def main() -> None:
             f"C={args.concurrency} output tok/s: page closed {spread(closed)}  {args.pages} page(s) open "
             f"{spread(opened)} ({polls} polls)  open/closed {spread(ratios)}"
         )
+        cpu_ratios = [o / c for o, c in zip(cpu[args.pages], cpu[0], strict=True)]
+        print(
+            f"server CPU ms per output token: page closed {spread(cpu[0])}  open {spread(cpu[args.pages])}  "
+            f"open/closed {spread(cpu_ratios)}"
+        )
     finally:
         server.stop()
 
@@ -157,14 +192,23 @@ def main() -> None:
         off_server, off_base = start(args.model_path, ui=False)
         on_server, on_base = start(args.model_path, ui=True)
         try:
-            on, off, ratios = [], [], []
+            for target in (on_base, off_base):
+                asyncio.run(load_with_pages(target, 0, args))  # warm-up
+            on, off, ratios, on_cpu, off_cpu = [], [], [], [], []
             for i in range(args.rounds):
-                order = ((on_base, on), (off_base, off)) if i % 2 == 0 else ((off_base, off), (on_base, on))
-                for target, figures in order:
-                    figures.append(asyncio.run(load_with_pages(target, 0, args))[0]["tok_s"])
+                runs = ((on_server, on_base, on, on_cpu), (off_server, off_base, off, off_cpu))
+                for process, target, rates, costs in runs if i % 2 == 0 else runs[::-1]:
+                    before = cpu_seconds(process.proc.pid)
+                    figures = asyncio.run(load_with_pages(target, 0, args))[0]
+                    rates.append(figures["tok_s"])
+                    tokens = figures["tok_s"] * figures["wall_s"]
+                    costs.append(1000 * (cpu_seconds(process.proc.pid) - before) / tokens)
                 ratios.append(on[-1] / off[-1])
+            print(f"C={args.concurrency} output tok/s: ui on {spread(on)}  off {spread(off)}  on/off {spread(ratios)}")
+            cpu_ratios = [a / b for a, b in zip(on_cpu, off_cpu, strict=True)]
             print(
-                f"C={args.concurrency} output tok/s: ui on {spread(on)}  ui off {spread(off)}  on/off {spread(ratios)}"
+                f"server CPU ms per output token: ui on {spread(on_cpu)}  off {spread(off_cpu)}  "
+                f"on/off {spread(cpu_ratios)}"
             )
         finally:
             off_server.stop()

@@ -18,7 +18,9 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from litestar_llm.app import create_app
 from litestar_llm.config import parse_settings
 from litestar_llm.dialects.openai import wire as openai_wire
+from litestar_llm.plugins.telemetry import TelemetryPlugin
 from litestar_llm.plugins.telemetry.genai import GenAIMetrics
+from litestar_llm.plugins.ui import UIPlugin
 from litestar_llm.plugins.ui.status import Sampler, read
 
 KEYS = {"root": "ui-root-key", "alice": "ui-alice-key", "bob": "ui-bob-key"}
@@ -100,6 +102,14 @@ def test_ui_off_mounts_nothing(tiny_model: Path) -> None:
     toml = f'[routes]\nui = false\n[backends.local]\nkind = "mlx"\n{model_toml(tiny_model)}'
     off = create_app(parse_settings(tomllib.loads(toml), tiny_model.parent))
     assert not [route.path for route in off.routes if route.path.startswith("/ui")]
+
+
+def test_telemetry_off_leaves_the_page_without_traffic_and_adds_no_instrumentation(tiny_model: Path) -> None:
+    app = app_for(tiny_model, "[telemetry]\nprometheus = false\n")
+    (ui,) = [plugin for plugin in app.plugins.init if isinstance(plugin, UIPlugin)]
+    (telemetry,) = [plugin for plugin in app.plugins.init if isinstance(plugin, TelemetryPlugin)]
+    assert telemetry.meter_provider is None and not telemetry.active  # off stays off: no reader for the page either
+    assert ui.sampler.figures() == (None, {})
 
 
 def test_percentiles_and_rates_come_from_the_telemetry_histograms() -> None:

@@ -82,7 +82,8 @@ class TelemetryMiddleware(ASGIMiddleware):
 
 class TelemetryPlugin(InitPlugin):
     """`status_reader=True` adds an in-memory reader that the status page (/ui/status) collects from when it
-    samples: the instruments are the same, so the figures cost nothing more per token."""
+    samples: the instruments are the same, so the figures cost nothing more per token. Only where telemetry is on
+    (Prometheus or OTLP): off means no instrumentation at all."""
 
     def __init__(self, config: TelemetryConfig, *, status_reader: bool = False) -> None:
         self.config = config
@@ -92,7 +93,7 @@ class TelemetryPlugin(InitPlugin):
 
             self.registry = CollectorRegistry(auto_describe=True)
         self.status_reader = None
-        if status_reader:
+        if status_reader and (config.prometheus or providers.otlp_endpoint(config)):
             from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
             self.status_reader = InMemoryMetricReader()
