@@ -158,3 +158,14 @@ def test_docs_describe_every_request_body_with_the_wire_schema(client: TestClien
         msgspec.convert(bad, openai_wire.ChatCompletionRequest)
     page = client.get("/docs", headers=bearer("alice")).text
     assert "/docs-assets/swagger-ui-bundle.js" in page and "https://" not in page
+
+
+def test_an_on_demand_model_shows_unloaded_until_asked(tiny_model: Path) -> None:
+    toml = f'[backends.local]\nkind = "mlx"\n{model_toml(tiny_model)}load = "on_demand"\n'
+    with TestClient(create_app(parse_settings(tomllib.loads(toml), tiny_model.parent))) as client:
+        (model,) = client.get("/ui/status").json()["models"]
+        assert model["state"] == model["load"]["state"] == "unloaded", model
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        (model,) = client.get("/ui/status").json()["models"]
+        assert model["state"] == "ready" and model["load_s"] > 0, model

@@ -42,7 +42,7 @@ PAGE_HEADERS = {
 class ModelStatus(msgspec.Struct, kw_only=True):
     name: str
     state: str
-    """As the registry's load_state says: loading, ready, failed (and whatever states it adds)."""
+    """As the registry's load_state says: unloaded, loading, ready, draining, failed."""
     error: str | None = None
     """Why it failed, when it did."""
     load_s: float | None = None
@@ -57,6 +57,8 @@ class ModelStatus(msgspec.Struct, kw_only=True):
     max_batch_size: int | None = None
     batch_occupancy: float | None = None
     """running / max_batch_size."""
+    load: dict[str, Any] = {}
+    """The registry's load_state, as /ready shows it (expires_at, pinned, retry_in_s, ... where they apply)."""
     stats: dict[str, Any] = {}
     """The backend's own figures, as /ready shows them."""
 
@@ -177,6 +179,7 @@ class UIPlugin(InitPlugin):
             waiting=_number(stats.get("waiting")),
             max_batch_size=capacity,
             batch_occupancy=round(running / capacity, 3) if capacity and running is not None else None,
+            load=load,
             stats={k: v for k, v in stats.items() if isinstance(v, int | float | str | bool | None)},
         )
 

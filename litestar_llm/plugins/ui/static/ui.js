@@ -190,7 +190,8 @@ function renderKeys(keys, admin) {
 function renderModelChoice(models, chat) {
   $("playground").hidden = !chat;
   const select = $("pg-model");
-  const names = models.filter((m) => m.state === "ready").map((m) => m.name);
+  // An unloaded model loads on its first request (load = "on_demand"); loading and failed ones answer 503.
+  const names = models.filter((m) => m.state === "ready" || m.state === "unloaded").map((m) => m.name);
   const current = [...select.options].map((o) => o.value);
   if (names.join() !== current.join()) {
     const chosen = select.value;
