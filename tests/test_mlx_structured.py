@@ -73,6 +73,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tool_mode
         openai = true
         ollama = true
         responses = true
+        anthropic = true
 
         [backends.local]
         kind = "mlx"
@@ -193,6 +194,19 @@ def test_responses_text_format(client: openai.OpenAI) -> None:
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert events[-1].type == "response.completed"
     jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_anthropic_output_config_format(server: Server) -> None:
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+    fmt = {"output_config": {"format": {"type": "json_schema", "schema": PERSON}}}
+    message = client.messages.create(model="tiny", max_tokens=300, messages=HELLO, extra_body=fmt)
+    jsonschema.validate(json.loads(message.content[0].text), PERSON)
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        bad = {"output_config": {"format": {"type": "json_schema", "schema": {"not": {}}}}}
+        client.messages.create(model="tiny", max_tokens=30, messages=HELLO, extra_body=bad)
+    assert caught.value.body["error"]["message"].startswith("output_config.format: llguidance cannot use")
 
 
 def test_ollama_format(ollama_client: ollama.Client) -> None:
