@@ -434,6 +434,7 @@ class Serving:
         finally:
             hold.release()
         result.vectors = shortened(result.vectors, request.dimensions)
+        result.load_s = hold.load_s
         return result
 
 

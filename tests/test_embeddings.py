@@ -75,6 +75,9 @@ def server(start_server, tiny_model, short_model):
         task = "embed"
         pooling = "mean"
         normalize = false
+        {model_toml(short_model, name="embed-lazy")}
+        task = "embed"
+        load = "on_demand"
         """
     )
     yield server
@@ -273,6 +276,14 @@ def test_ollama_embed_one_and_many(ollama_client, reference, tokenizer) -> None:
     assert many.total_duration > 0 and many.model == "embed:latest"
     short = ollama_client.embed(model="embed", input=TEXTS[0], dimensions=16)
     assert len(short.embeddings[0]) == 16
+
+
+def test_an_on_demand_embedding_model_loads_for_its_first_request(server, reference) -> None:
+    first = post(server, "/api/embed", {"model": "embed-lazy", "input": TEXTS[0]}).json()
+    assert first["load_duration"] > 0 and cosine(first["embeddings"][0], reference(TEXTS[0])) > 0.999
+    again = post(server, "/api/embed", {"model": "embed-lazy", "input": TEXTS[0]}).json()
+    assert "load_duration" not in again  # loaded now: no wait, and Ollama leaves zero stats out
+    assert again["embeddings"] == first["embeddings"]
 
 
 def test_ollama_older_embeddings_call(ollama_client, reference) -> None:

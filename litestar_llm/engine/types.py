@@ -237,3 +237,5 @@ class Embeddings(msgspec.Struct, kw_only=True):
     vectors: list[list[float]]
     prompt_tokens: int
     """Input tokens embedded (after truncation), for usage and token budgets."""
+    load_s: float = 0.0
+    """Seconds this request waited for the model to load (Ollama's load_duration); set by the serving layer."""

@@ -282,6 +282,7 @@ async def embed(request: Request, serving: NamedDependency[Serving]) -> Response
             model=body.model,
             embeddings=result.vectors,
             total_duration=int((time.perf_counter() - started) * NS),
+            load_duration=int(result.load_s * NS),
             prompt_eval_count=result.prompt_tokens,
         )
     )
