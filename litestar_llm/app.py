@@ -28,6 +28,7 @@ from litestar_llm.plugins.state import StatePlugin
 from litestar_llm.plugins.telemetry import TelemetryPlugin
 from litestar_llm.plugins.telemetry.access import AccessLogMiddleware, log_access
 from litestar_llm.plugins.ui import UIPlugin
+from litestar_llm.reload import LiveConfig, route_set_guard
 
 
 def load_plugin(target: str, index: int) -> PluginProtocol:
@@ -86,11 +87,16 @@ def create_app(settings: Settings, *, load_in_background: bool = False) -> Lites
     answer, while the models load; by default start-up waits for them, as in-process callers (a TestClient) expect."""
     state = StatePlugin(settings.state)
     telemetry = TelemetryPlugin(settings.telemetry, status_reader=settings.routes.ui)
+    auth = AuthPlugin(settings, state.windows)
+    engines = EngineRegistryPlugin(settings, background=load_in_background)
+    live = LiveConfig(settings)  # what a reload of server.toml changes in place
+    live.subscribe(engines.registry.reconfigure)
+    live.subscribe(auth.apply)
     plugins: list[PluginProtocol] = [
         telemetry,  # first: its middleware sees requests that auth refuses
         state,
-        AuthPlugin(settings, state.windows),
-        EngineRegistryPlugin(settings, background=load_in_background),
+        auth,
+        engines,
         HealthPlugin(),
         DocsPlugin(),
     ]
@@ -113,7 +119,8 @@ def create_app(settings: Settings, *, load_in_background: bool = False) -> Lites
         plugins=plugins,
         middleware=middleware,
         exception_handlers={NotFoundException: no_route, MethodNotAllowedException: no_route},
-        state=State({"access_log": settings.server.access_log}),
+        state=State({"access_log": settings.server.access_log, "live_config": live}),
+        guards=[route_set_guard],
         request_max_body_size=settings.server.max_request_bytes,
         cors_config=CORSConfig(allow_origins=settings.server.cors_origins) if settings.server.cors_origins else None,
         logging_config=LoggingConfig(

@@ -58,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="validate server.toml and serve it under granian")
     check = commands.add_parser("check", help="validate server.toml and print the resolved config (secrets masked)")
-    for sub in (serve, check):
+    pull = commands.add_parser("pull", help="download the declared Hugging Face models into the local cache")
+    pull.add_argument("models", nargs="*", metavar="MODEL", help="model names from server.toml (default: all)")
+    for sub in (serve, check, pull):
         sub.add_argument("--config", "-c", help=f"path to server.toml (default: ${ENV_PREFIX}CONFIG or ./server.toml)")
     serve.add_argument("--host", help="override [server] host")
     serve.add_argument("--port", type=int, help="override [server] port")
@@ -83,10 +85,23 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, Path]:
 
 
 def check(args: argparse.Namespace) -> int:
+    from litestar_llm.pull import missing_from_cache
+
     settings, path = _settings(args)
     print(f"# {path}: OK", file=sys.stderr)
+    for name, repo in missing_from_cache(path):
+        print(f"# model '{name}': {repo} is not in the local Hugging Face cache: litestar-llm pull {name}",
+              file=sys.stderr)  # fmt: skip
     print(json.dumps(masked(settings), indent=2))
     return 0
+
+
+def pull(args: argparse.Namespace) -> int:
+    from litestar_llm.pull import pull as pull_models
+    from litestar_llm.settings import environment_layer
+
+    path = Path(args.config) if args.config else environment_layer().config
+    return pull_models(path.resolve(), args.models)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -120,7 +135,7 @@ def serve(args: argparse.Namespace) -> int:
         http1_settings=HTTP1Settings(header_read_timeout=max(1, round(server.header_read_timeout_s * 1000))),
         workers_kill_timeout=math.ceil(server.drain_timeout_s) + KILL_GRACE_S,
     )
-    supervisor = Supervisor(settings, run_dir)
+    supervisor = Supervisor(settings, run_dir, path)
     granian.on_startup(supervisor.start)  # runs after granian set its signal handlers, before workers spawn
     code = 0
     try:
@@ -228,8 +243,12 @@ def banner(settings: Settings) -> str:
 class Supervisor:
     """`serve`'s side of the talk with its granian workers (see `litestar_llm.engine.registry.RUN_DIR_ENV`)."""
 
-    def __init__(self, settings: Settings, run_dir: Path) -> None:
-        self.settings, self.run_dir = settings, run_dir
+    def __init__(self, settings: Settings, run_dir: Path, path: Path | None = None) -> None:
+        self.settings, self.run_dir, self.path = settings, run_dir, path
+        self.generation = 1
+        self._reload_wanted = False
+        self._mtime = self._modified()
+        self._next_look = 0.0
         self.signals = 0
         self.failing = False
         self._now_sent = False
@@ -244,7 +263,52 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._on_signal)
+        if hasattr(signal, "SIGHUP"):  # ours, not granian's (which would restart the workers and cut every stream)
+            signal.signal(signal.SIGHUP, self._on_hangup)
         self._thread.start()
+
+    def _on_hangup(self, _signum: int, _frame: object) -> None:
+        self._reload_wanted = True  # validated on the supervisor's thread, not in the handler
+
+    def _modified(self) -> int | None:
+        try:
+            return self.path.stat().st_mtime_ns if self.path is not None else None
+        except OSError:
+            return None
+
+    def _changed_on_disk(self) -> bool:
+        """With [server] watch = true: whether server.toml changed since the last look (once a second)."""
+        if not self.settings.server.watch or time.monotonic() < self._next_look:
+            return False
+        self._next_look = time.monotonic() + 1.0
+        mtime = self._modified()
+        changed, self._mtime = mtime != self._mtime and mtime is not None, mtime
+        return changed
+
+    def _reload(self) -> None:
+        """Validate server.toml as the workers will read it; broken: one line, and the running config stays;
+        valid: the next generation, which every worker applies."""
+        from litestar_llm.settings import load_settings
+
+        self._reload_wanted = False
+        self._mtime = self._modified()  # this version is handled: the watcher waits for the next change
+        try:
+            settings = load_settings()
+        except LitestarLLMError as exc:
+            self._say(
+                f"litestar-llm: {self.path}: not reloaded, config generation {self.generation} stays: config error: "
+                f"{exc}"
+            )
+            return
+        self.generation += 1
+        self.settings = settings
+        self._say(f"litestar-llm: reloading {self.path} as config generation {self.generation}")
+        part = self.run_dir / f"reload.{threading.get_ident()}"
+        try:
+            part.write_text(str(self.generation), encoding="utf-8")
+            os.replace(part, self.run_dir / "reload")
+        except OSError:
+            pass
 
     def stop(self) -> None:
         self._stopped.set()
@@ -300,6 +364,8 @@ class Supervisor:
                 self._request("now")
                 os.kill(os.getpid(), signal.SIGTERM)
                 continue
+            if not self.signals and not self.failing and (self._reload_wanted or self._changed_on_disk()):
+                self._reload()
             if self._deadline is not None and not self._now_sent and time.monotonic() >= self._deadline:
                 self._request("now")
                 self._say("litestar-llm: drain_timeout_s is over: ending the requests still in flight")
@@ -337,7 +403,7 @@ def new_key(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"serve": serve, "check": check, "keys": new_key}[args.command](args)
+        return {"serve": serve, "check": check, "pull": pull, "keys": new_key}[args.command](args)
     except ConfigError as exc:
         print(f"litestar-llm: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -22,7 +22,7 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -213,6 +213,11 @@ class _Slot:
         self.retry_at = 0.0
         self.size = 0
         """Bytes of weights: measured from the model's files, then as the engine reports them."""
+        self.backend: Any = None
+        self.gates_ready = False
+        """Declared at start-up, so /ready waits for it (a start-up model); a reload's additions do not."""
+        self.retired = False
+        """Removed or replaced by a reload: draining, then gone."""
 
     @property
     def counts(self) -> bool:
@@ -246,6 +251,9 @@ class EngineRegistry:
         self._by_name: dict[str, tuple[ServedEngine, ModelConfig]] = {}
         self._models: dict[str, ModelConfig] = {}
         self._slots: dict[str, _Slot] = {}
+        self._retiring: set[_Slot] = set()
+        """Models a reload removed or replaced: draining until their streams end, then unloaded."""
+        self._tasks: set[asyncio.Future] = set()
         self._live: set[_Live] = set()
         self._changed = asyncio.Event()
         """Set (and replaced) whenever a model became idle or was unloaded: loads waiting for room look again."""
@@ -256,13 +264,14 @@ class EngineRegistry:
 
     def build(self) -> None:
         for model in self._settings.models:
-            self._add(model)
+            self._add(model).gates_ready = True
 
     def _add(self, model: ModelConfig) -> _Slot:
-        kind = self._settings.backends[model.backend].kind
-        served = ServedEngine(self._new_engine(model), self)
-        slot = served._slot = _Slot(model, served, kind)
-        slot.size = _weights_size(model, kind)
+        backend = self._settings.backends[model.backend]
+        served = ServedEngine(engine_class(backend.kind)(model, backend, model.backend), self)
+        slot = served._slot = _Slot(model, served, backend.kind)
+        slot.backend = backend
+        slot.size = _weights_size(model, backend.kind)
         self._engines[model.name] = served
         self._models[model.name] = model
         self._slots[model.name] = slot
@@ -270,9 +279,70 @@ class EngineRegistry:
             self._by_name[name] = (served, model)
         return slot
 
-    def _new_engine(self, model: ModelConfig) -> Engine:
-        backend = self._settings.backends[model.backend]
-        return engine_class(backend.kind)(model, backend, model.backend)
+    def _new_engine(self, slot: _Slot) -> Engine:
+        return engine_class(slot.kind)(slot.config, slot.backend, slot.config.backend)
+
+    # -- reloading -------------------------------------------------------------------------------------------
+
+    def reconfigure(self, _old: Settings, settings: Settings) -> None:
+        """A reload (litestar_llm.reload): models added are declared (start-up ones load now), removed ones stop
+        taking requests and unload once their streams end, changed ones are replaced the same way (the new one
+        loads now or on first use); a change of aliases, defaults, load, keep_alive or pin applies in place.
+        Budgets and load_wait_s apply to the loads from now on."""
+        self._settings = settings
+        wanted = {model.name: model for model in settings.models}
+        for name in [name for name in self._slots if name not in wanted]:
+            self._retire(self._slots[name], "removed from server.toml")
+        for name, model in wanted.items():
+            slot = self._slots.get(name)
+            if slot is not None and not _needs_new_engine(slot, model, settings):
+                slot.config = model
+                self._models[name] = model
+                if slot.state == "ready" and slot.busy == 0:
+                    self._idle(slot)  # keep_alive or pin may have changed
+                continue
+            was_loaded = slot is not None and slot.occupying
+            if slot is not None:
+                self._retire(slot, "changed in server.toml: replaced once its streams end")
+            new = self._add(model)
+            if model.load == "startup" or was_loaded:
+                self._spawn(self._ensure_loaded(new))
+        self._by_name = {
+            alias: (slot.served, slot.config)
+            for slot in self._slots.values()
+            for alias in (slot.config.name, *slot.config.aliases)
+        }
+        self._notify()
+
+    def _retire(self, slot: _Slot, why: str) -> None:
+        name = slot.config.name
+        del self._slots[name], self._engines[name], self._models[name]
+        self._retiring.add(slot)
+        slot.retired = True
+        self._cancel_expiry(slot)
+        if slot.busy:
+            why += f"; {slot.busy} request{'' if slot.busy == 1 else 's'} in flight"
+
+        async def retire() -> None:
+            if slot.loading is not None:
+                with suppress(Exception):
+                    await asyncio.shield(slot.loading)
+            if slot.occupying:
+                await asyncio.shield(self._begin_unload(slot, why))
+            else:
+                logger.info("model '%s' %s", name, why.partition(":")[0])
+            self._retiring.discard(slot)
+
+        self._spawn(retire())
+
+    def _spawn(self, work: Awaitable) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # failures are logged where they happen
+
+    def _all_slots(self) -> list[_Slot]:
+        return [*self._slots.values(), *self._retiring]
 
     # -- loading ---------------------------------------------------------------------------------------------
 
@@ -386,7 +456,7 @@ class EngineRegistry:
             changed = self._changed
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.stopping:
-                busy = [s.config.name for s in self._slots.values() if s.occupying and s.counts and s is not slot]
+                busy = [s.config.name for s in self._all_slots() if s.occupying and s.counts and s is not slot]
                 raise unavailable(
                     f"model '{slot.config.name}' cannot be loaded now: no room within max_loaded_models / "
                     f"memory_budget, and the loaded models ({', '.join(busy)}) are busy or pinned; retry shortly",
@@ -399,7 +469,7 @@ class EngineRegistry:
         """The idle models to unload so that `slot` fits, least recently used first; None when it cannot fit now."""
         server = self._settings.server
         limit, budget = server.max_loaded_models, server.memory_budget_bytes
-        others = [s for s in self._slots.values() if s is not slot and s.counts and s.occupying]
+        others = [s for s in self._all_slots() if s is not slot and s.counts and s.occupying]
         count, size = len(others) + 1, sum(s.size for s in others) + slot.size
         idle = sorted(
             (s for s in others if s.state == "ready" and s.busy == 0 and not s.config.pin), key=lambda s: s.last_used
@@ -417,7 +487,7 @@ class EngineRegistry:
         name, model = slot.config.name, slot.config
         engine = slot.served
         if slot.started:  # a backend engine is loaded once: a reload gets a fresh one
-            engine.engine, slot.started = self._new_engine(model), False
+            engine.engine, slot.started = self._new_engine(slot), False
         self._set_state(slot, "loading")
         logger.info("loading model '%s' (%s) from %s", name, slot.kind, _describe_source(model, self._settings))
         started = time.perf_counter()
@@ -454,7 +524,7 @@ class EngineRegistry:
         slot.error = message
         with suppress(Exception):
             if slot.started:
-                slot.served.engine, slot.started = self._new_engine(slot.config), False  # drop what half-loaded
+                slot.served.engine, slot.started = self._new_engine(slot), False  # drop what half-loaded
         self._set_state(slot, "failed", log=False)
         if not slot.startup:  # a start-up failure is reported once, by the server's supervision
             logger.error("%s (a request after %.0f s tries again)", message, delay)
@@ -508,7 +578,7 @@ class EngineRegistry:
 
     def _expire(self, slot: _Slot, why: str) -> None:
         slot.timer = None
-        if slot.state == "ready" and slot.busy == 0 and self._slots.get(slot.config.name) is slot:
+        if slot.state == "ready" and slot.busy == 0 and not slot.retired:
             self._begin_unload(slot, why)
 
     def _cancel_expiry(self, slot: _Slot) -> None:
@@ -533,7 +603,7 @@ class EngineRegistry:
             while slot.busy > 0:
                 changed = self._changed
                 await changed.wait()
-            old, slot.served.engine = slot.served.engine, self._new_engine(slot.config)
+            old, slot.served.engine = slot.served.engine, self._new_engine(slot)
             slot.started = False
             try:
                 await old.close()
@@ -611,12 +681,14 @@ class EngineRegistry:
 
     async def close(self, timeout: float | None = CLOSE_TIMEOUT_S) -> bool:
         """Close every engine; False when some did not stop within `timeout` (they are left behind)."""
-        for slot in self._slots.values():
+        for slot in self._all_slots():
             self._cancel_expiry(slot)
+        for task in list(self._tasks):
+            task.cancel()
         closing = {
-            name: asyncio.ensure_future(engine.close())
-            for name, engine in self._engines.items()
-            if self._slots[name].started or self._slots[name].state in ("loading", "ready")
+            f"{slot.config.name}{' (retiring)' if slot.retired else ''}": asyncio.ensure_future(slot.served.close())
+            for slot in self._all_slots()
+            if slot.started or slot.state in ("loading", "ready")
         }
         if not closing:
             return True
@@ -680,6 +752,22 @@ class EngineRegistry:
             out["requests"] = slot.busy
         return out
 
+    def declared(self, name: str) -> ModelConfig | None:
+        """The config of model `name` (or alias) if it is declared and the calling key may use it; no 503s."""
+        found = self._by_name.get(name)
+        caller = current_caller.get()
+        if found is None or (caller is not None and not caller.may_use(found[1].name)):
+            return None
+        return found[1]
+
+    def backend_kind(self, name: str) -> str:
+        return self._slots[name].kind
+
+    def forget_failure(self, name: str) -> None:
+        """The model's files were fixed (pulled): the next request loads it without waiting out the back-off."""
+        if (slot := self._slots.get(name)) is not None and slot.state == "failed":
+            slot.retry_at = 0.0
+
     def expires_at(self, name: str) -> float | None:
         """When a loaded model will be unloaded if nothing uses it (unix time); None: never. A busy model expires
         keep_alive after its last request ends (Ollama reports it as from now)."""
@@ -690,7 +778,7 @@ class EngineRegistry:
         return None if seconds == math.inf else time.time() + seconds
 
     def loaded_bytes(self) -> int:
-        return sum(slot.size for slot in self._slots.values() if slot.counts and slot.occupying)
+        return sum(slot.size for slot in self._all_slots() if slot.counts and slot.occupying)
 
     @property
     def ready(self) -> bool:
@@ -699,9 +787,17 @@ class EngineRegistry:
         return (
             bool(self._engines)
             and not self.draining
-            and all(slot.loaded_once for slot in self._startup_slots())
+            and all(slot.loaded_once for slot in self._startup_slots() if slot.gates_ready)
             and all(slot.served.ready for slot in self._slots.values() if slot.state == "ready")
         )
+
+
+def _needs_new_engine(slot: _Slot, model: ModelConfig, settings: Settings) -> bool:
+    """Whether a model's new config changes what its engine loads (else it applies in place)."""
+    in_place = {"aliases", "defaults", "load", "keep_alive", "pin"}
+    old = {f: getattr(slot.config, f) for f in slot.config.__struct_fields__ if f not in in_place}
+    new = {f: getattr(model, f) for f in model.__struct_fields__ if f not in in_place}
+    return old != new or settings.backends.get(model.backend) != slot.backend
 
 
 def _reason(slot: _Slot, full: bool = False) -> str:
@@ -831,10 +927,11 @@ class _WorkerSupervision:
     """The worker's end of the talk with `litestar-llm serve` (see RUN_DIR_ENV). Without the CLI (granian run by
     hand, a TestClient) there is no run folder: a model that cannot load is logged and answers 503."""
 
-    def __init__(self, registry: EngineRegistry, settings: Settings) -> None:
+    def __init__(self, registry: EngineRegistry, settings: Settings, live: Any = None) -> None:
         run_dir = os.environ.get(RUN_DIR_ENV)
         self.run_dir = Path(run_dir) if run_dir else None
-        self.registry, self.settings = registry, settings
+        self.registry, self.settings, self.live = registry, settings, live
+        self.applied = 1
         self.prefix = f"worker {os.getpid()}: " if settings.server.workers > 1 else ""
 
     def ignore_interrupts(self) -> None:
@@ -859,13 +956,25 @@ class _WorkerSupervision:
         part.write_text(exc.message + "\n", encoding="utf-8")
         os.replace(part, self.run_dir / "failed")
 
+    async def follow_reloads(self) -> None:
+        """The CLI validated server.toml again and wrote its generation to `reload`: re-read it and apply it."""
+        try:
+            generation = int((self.run_dir / "reload").read_text())
+        except (OSError, ValueError):
+            return
+        if generation > self.applied and self.live is not None:
+            self.applied = generation
+            await self.live.reload(generation)
+
     async def watch(self) -> None:
-        """Follow the CLI's shutdown requests: `drain`, then `now`."""
+        """Follow the CLI's shutdown requests (`drain`, then `now`) and reloads."""
         if self.run_dir is None:
             return
         request, seen = self.run_dir / "shutdown", ""
         while seen != "now":
             await asyncio.sleep(POLL_S)
+            if not self.registry.draining:
+                await self.follow_reloads()
             try:
                 wanted = request.read_text().strip()
             except OSError:
@@ -915,8 +1024,8 @@ class EngineRegistryPlugin(InitPlugin):
             await self.registry.close()
 
     @asynccontextmanager
-    async def _lifespan(self, _app: Litestar) -> AsyncIterator[None]:
-        supervision = _WorkerSupervision(self.registry, self.settings)
+    async def _lifespan(self, app: Litestar) -> AsyncIterator[None]:
+        supervision = _WorkerSupervision(self.registry, self.settings, app.state.get("live_config"))
         supervision.ignore_interrupts()
         loader = self.registry.start_in_background(supervision.model_failed, supervision.models_loaded)
         watcher = asyncio.create_task(supervision.watch(), name="shutdown requests")

@@ -88,8 +88,15 @@ class AuthMiddleware(ASGIMiddleware):
     exclude_opt_key = "public_asset"
     """Routes with this opt are files a browser loads before it has a key (the status page, the docs' scripts)."""
 
-    def __init__(self, entries: list[KeyEntry], public_paths: list[str], windows: Windows, fail_open: bool) -> None:
-        self.entries, self.public, self.windows, self.fail_open = entries, frozenset(public_paths), windows, fail_open
+    def __init__(self, settings: Settings, windows: Windows) -> None:
+        self.windows = windows
+        self.configure(settings)
+
+    def configure(self, settings: Settings) -> None:
+        """Keys, scopes, rate limits and public paths from `settings`; a reload calls it again for new requests."""
+        self.entries = key_entries(settings)
+        self.active = settings.auth.enabled and bool(self.entries)
+        self.public, self.fail_open = frozenset(settings.auth.public_paths), settings.state.fail_open
 
     def match(self, key: str) -> KeyEntry | None:
         digest = hashlib.sha256(key.encode()).digest()
@@ -100,7 +107,7 @@ class AuthMiddleware(ASGIMiddleware):
         return found
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
-        if scope["path"] in self.public or scope["method"] == "OPTIONS":  # CORS preflights carry no key
+        if not self.active or scope["path"] in self.public or scope["method"] == "OPTIONS":  # preflights: no key
             await next_app(scope, receive, send)
             return
         key = presented_key(scope)
@@ -148,15 +155,18 @@ class AuthPlugin(InitPlugin):
     def __init__(self, settings: Settings, windows: Windows) -> None:
         self.entries = key_entries(settings)
         self.settings, self.windows = settings, windows
+        self.middleware = AuthMiddleware(settings, windows)
+
+    def apply(self, _old: Settings, new: Settings) -> None:
+        """A reload: the keys, scopes and limits of `new` for the requests from now on."""
+        self.settings, self.entries = new, key_entries(new)
+        self.middleware.configure(new)
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
-        auth = self.settings.auth
-        if auth.enabled and self.entries:
-            app_config.middleware.append(
-                AuthMiddleware(self.entries, auth.public_paths, self.windows, self.settings.state.fail_open)
-            )
-            # Dialect routes render these in their own format; the rest (/metrics, /docs) in Litestar's.
-            app_config.exception_handlers.setdefault(LitestarLLMError, _plain_error)
+        # Installed even with no keys, so that a reload can add some; it lets everything through meanwhile.
+        app_config.middleware.append(self.middleware)
+        # Dialect routes render these in their own format; the rest (/metrics, /docs) in Litestar's.
+        app_config.exception_handlers.setdefault(LitestarLLMError, _plain_error)
         app_config.on_startup.append(self._announce)
         return app_config
 

@@ -3,7 +3,7 @@ model is loaded and its engine is running, and no shutdown is under way (503 unt
 
 from __future__ import annotations
 
-from litestar import Response, get
+from litestar import Request, Response, get
 from litestar.config.app import AppConfig
 from litestar.di import NamedDependency
 from litestar.plugins import InitPlugin
@@ -17,7 +17,7 @@ async def health() -> dict[str, str]:
 
 
 @get("/ready", opt={"exclude_from_auth": True}, include_in_schema=False)
-async def ready(registry: NamedDependency[EngineRegistry]) -> Response[dict]:
+async def ready(request: Request, registry: NamedDependency[EngineRegistry]) -> Response[dict]:
     models = {
         name: {"ready": engine.ready, "load": registry.load_state(name), **engine.stats()} for name, engine in registry
     }
@@ -30,7 +30,10 @@ async def ready(registry: NamedDependency[EngineRegistry]) -> Response[dict]:
         status = "failed"
     else:
         status = "loading"
-    return Response({"status": status, "models": models}, status_code=200 if ok else 503)
+    body = {"status": status, "models": models}
+    if (live := request.app.state.get("live_config")) is not None:
+        body["config_generation"] = live.generation
+    return Response(body, status_code=200 if ok else 503)
 
 
 class HealthPlugin(InitPlugin):

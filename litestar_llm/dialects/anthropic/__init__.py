@@ -11,7 +11,9 @@ from litestar_llm.dialects.anthropic.routes import STATE_KEY, anthropic_router
 
 class AnthropicRoutesPlugin(InitPlugin):
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
-        app_config.route_handlers.append(anthropic_router())
+        router = anthropic_router()
+        router.opt["route_set"] = "anthropic"  # a reload may switch it off (litestar_llm.reload)
+        app_config.route_handlers.append(router)
         app_config.state[STATE_KEY] = True
         return app_config
 

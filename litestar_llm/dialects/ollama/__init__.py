@@ -10,7 +10,9 @@ from litestar_llm.dialects.ollama.routes import ollama_router
 
 class OllamaRoutesPlugin(InitPlugin):
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
-        app_config.route_handlers.append(ollama_router())
+        router = ollama_router()
+        router.opt["route_set"] = "ollama"  # a reload may switch it off (litestar_llm.reload)
+        app_config.route_handlers.append(router)
         return app_config
 
 

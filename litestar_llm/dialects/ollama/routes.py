@@ -11,6 +11,7 @@ from pathlib import Path
 import msgspec
 from litestar import Request, Response, Router, delete, get, head, post
 from litestar.di import NamedDependency, Provide
+from litestar.response import Stream
 
 from litestar_llm import __version__
 from litestar_llm.config import ModelConfig, keep_alive_seconds
@@ -35,7 +36,8 @@ from litestar_llm.engine.base import Engine, ModelInfo
 from litestar_llm.engine.files import weights_digest
 from litestar_llm.engine.registry import EngineRegistry
 from litestar_llm.engine.types import Delta, EmbeddingRequest, Usage
-from litestar_llm.errors import InvalidRequestError
+from litestar_llm.errors import InvalidRequestError, ModelNotFoundError
+from litestar_llm.pull import download_snapshot, hub_repo
 from litestar_llm.serving import Choice, Generation, Serving, check_task, provide_serving
 
 NDJSON = "application/x-ndjson"
@@ -400,10 +402,47 @@ STORE_MESSAGE = "models are declared in server.toml ([[models]]), not managed th
 
 
 @post("/api/pull", status_code=200, opt=wire_bodies(wire.ModelRequest))
-async def pull(request: Request, registry: NamedDependency[EngineRegistry]) -> Response[bytes]:
-    """Pulling a model that is already declared succeeds (clients pull before use); anything else says why not."""
+async def pull(request: Request, registry: NamedDependency[EngineRegistry]) -> Response:
+    """Pull a declared model: a Hugging Face one is downloaded into the local cache, with its progress streamed
+    (files done of all); a folder or remote model is there already. Undeclared models answer 404."""
     body = decode_body(await request.body(), wire.ModelRequest)
-    resolve(registry, body.model_name or "")
+    name = body.model_name or ""
+    model = next((m for n in (name, tagged(name), name.removesuffix(":latest")) if (m := registry.declared(n))), None)
+    if model is None:
+        raise ModelNotFoundError(name)
+    if not hub_repo(model, registry):
+        return _pulled(body.stream)
+    progress: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    download = asyncio.ensure_future(asyncio.to_thread(download_snapshot, model.source, progress, loop))
+    if not body.stream:
+        await download  # raises EngineUnavailableError (503) with the reason
+        registry.forget_failure(model.name)
+        return _pulled(False)
+
+    async def lines() -> AsyncIterator[bytes]:
+        try:
+            while not (download.done() and progress.empty()):
+                getter = asyncio.ensure_future(progress.get())
+                await asyncio.wait({getter, download}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    done, total = getter.result()
+                    yield encode({"status": f"pulling {model.source}", "total": total, "completed": done}) + b"\n"
+                else:
+                    getter.cancel()
+            await download
+        except Exception as exc:
+            yield ndjson_error(exc)
+            return
+        registry.forget_failure(model.name)
+        yield encode({"status": "success"}) + b"\n"
+
+    return Stream(lines(), media_type=NDJSON)
+
+
+def _pulled(stream: bool) -> Response:
+    if stream:
+        return Response(encode({"status": "success"}) + b"\n", media_type=NDJSON)
     return _json({"status": "success"})
 
 

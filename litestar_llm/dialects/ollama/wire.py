@@ -95,6 +95,8 @@ class ModelRequest(Struct, kw_only=True):
     model: str | None = None
     name: str | None = None
     verbose: bool = False
+    stream: bool = True
+    """/api/pull: progress as NDJSON lines (Ollama's default), or one object at the end."""
 
     @property
     def model_name(self) -> str | None:

@@ -10,7 +10,9 @@ from litestar_llm.dialects.openai.routes import openai_router
 
 class OpenAIRoutesPlugin(InitPlugin):
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
-        app_config.route_handlers.append(openai_router())
+        router = openai_router()
+        router.opt["route_set"] = "openai"  # a reload may switch it off (litestar_llm.reload)
+        app_config.route_handlers.append(router)
         return app_config
 
 

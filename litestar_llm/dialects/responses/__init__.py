@@ -16,7 +16,9 @@ class ResponsesRoutesPlugin(InitPlugin):
         """How long a stored response stays retrievable ([state] responses_ttl_s)."""
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
-        app_config.route_handlers.append(responses_router(self.ttl_s))
+        router = responses_router(self.ttl_s)
+        router.opt["route_set"] = "responses"  # a reload may switch it off (litestar_llm.reload)
+        app_config.route_handlers.append(router)
         return app_config
 
 
