@@ -208,3 +208,20 @@ def test_a_broken_edit_keeps_the_running_config(reloading: Reloading) -> None:
     assert complete(server, "added").status_code == 200
     stream.finish()
     assert stream.completion_tokens() == 2000
+
+
+def test_every_worker_applies_a_reload(start_server, tiny_model: Path) -> None:
+    block = f'[[models]]\nname = "{{name}}"\nbackend = "local"\nsource = "{tiny_model}"\n{{extra}}\n'
+    base = '[server]\nworkers = 2\n[backends.local]\nkind = "mlx"\n' + block.format(name="tiny", extra="")
+    server = start_server(base)
+    try:
+        server.config.write_text(base + block.format(name="added", extra='load = "on_demand"'))
+        server.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: server.log.read_text().count("config generation 2 applied") == 2, 60, "both workers")
+        for _ in range(8):  # new connections, spread over the workers by the kernel: each one knows the model
+            answer = httpx.post(
+                f"{server.url}/v1/completions", json={"model": "added", "prompt": "Hi", "max_tokens": 1}
+            )
+            assert answer.status_code == 200
+    finally:
+        server.stop()
