@@ -414,6 +414,8 @@ def main() -> None:
     parser.add_argument("--tools", action="store_true", help="ours with and without tools, alternating rounds")
     parser.add_argument("--rounds", type=int, default=5, help="rounds for --tools")
     args = parser.parse_args()
+    # A SIGTERM (`timeout`, a CI limit) unwinds like Ctrl-C, so the servers started in their own groups are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     levels = args.concurrency or [1, 16]
     if args.tools:
         tools_and_thinking(args, levels)
