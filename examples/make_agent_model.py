@@ -358,11 +358,12 @@ def _fit(folder: Path, phases: tuple[int, int], learning_rate: float, rounds: in
     """Train the random weights in `folder` until greedy decoding replays every case with a margin, and save them.
 
     `phases[0]` steps on the conversations without their tools block (cheap, and they teach most of the behaviour),
-    `phases[1]` on the exact prompts, then up to `rounds` epochs that repeat the cases whose scripted tokens lead by
-    less than MARGIN logits, so that neither another BLAS nor vLLM's kernels flip a greedy choice."""
+    `phases[1]` on the exact prompts, then up to `rounds` gentle epochs that repeat the cases whose scripted tokens
+    lead by less than MARGIN logits, so that neither another BLAS nor vLLM's kernels flip a greedy choice. The
+    weights with the best least margin are the ones saved: a repair epoch that hurts more than it helps is undone."""
     import mlx.core as mx
     import numpy as np
-    from mlx.utils import tree_flatten
+    from mlx.utils import tree_flatten, tree_map
     from mlx_lm import load
 
     mx.random.seed(seed)
@@ -371,13 +372,17 @@ def _fit(folder: Path, phases: tuple[int, int], learning_rate: float, rounds: in
     _train(model, _examples(tokenizer, AGENT_CASES, with_tools=False), phases[0], learning_rate, folder)
     examples = _examples(tokenizer, AGENT_CASES)
     _train(model, examples, phases[1], learning_rate, folder)
-    for _ in range(rounds):
+    best_margin, best = -float("inf"), None
+    for _ in range(rounds + 1):
         margins = _margins(model, examples)
         weak = [example for example, margin in zip(examples, margins, strict=True) if margin < MARGIN]
         print(f"least margin {min(margins):.2f}, {len(weak)} cases under {MARGIN}", file=sys.stderr)
+        if min(margins) > best_margin:
+            best_margin, best = min(margins), tree_map(mx.array, model.parameters())
         if not weak:
             break
-        _train(model, examples + weak * 2, len(examples) + 2 * len(weak), learning_rate / 2, folder)
+        _train(model, examples + weak * 2, len(examples) + 2 * len(weak), learning_rate / 10, folder)
+    model.update(best)
     weights = {name: value.astype(mx.float32) for name, value in tree_flatten(model.parameters())}
     mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "pt"})
 

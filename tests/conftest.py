@@ -25,6 +25,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+AGENT_MODEL_BUILD_TIMEOUT_S = 1800
+"""A test that needs the agent model may be the one that builds it (minutes of training on 2 cores)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """pytest-timeout's clock covers fixture setup: tests using the agent model get room for its build."""
+    for item in items:
+        if "agent_model" in getattr(item, "fixturenames", ()) and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(AGENT_MODEL_BUILD_TIMEOUT_S))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
