@@ -62,6 +62,7 @@ class Reloading:
     def __init__(self, server, model: Path) -> None:
         self.server, self.model = server, model
         self.generation = 1
+        self.digest = httpx.get(f"{server.url}/ui/status", headers=ADMIN).json()["config_digest"]
 
     def edit(self, text: str, signal_it: bool = True) -> None:
         self.server.config.write_text(text)
@@ -75,6 +76,9 @@ class Reloading:
         line = f"config generation {self.generation} applied"
         wait_for(lambda: line in self.server.log.read_text(), 60, line)
         assert httpx.get(f"{self.server.url}/ready").json()["config_generation"] == self.generation
+        status = httpx.get(f"{self.server.url}/ui/status", headers=ADMIN).json()  # the status page says it too
+        assert status["config_generation"] == self.generation and status["config_digest"] != self.digest
+        self.digest = status["config_digest"]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from litestar import Litestar, Response, get
+from litestar import Litestar, Request, Response, get
 from litestar.config.app import AppConfig
 from litestar.di import NamedDependency
 from litestar.plugins import InitPlugin
@@ -81,7 +81,7 @@ class Status(msgspec.Struct, kw_only=True):
     """sha256 (first 12 hex digits) of the validated server.toml: two workers or two restarts with the same
     digest run the same configuration."""
     config_generation: int | None
-    """How many times the configuration was reloaded, where the server supports reloading."""
+    """As /ready says: 1 at start-up, +1 per reload of server.toml; None where the app has no live config."""
     status: str
     """As /ready says: ready, loading, failed, shutting down."""
     models: list[ModelStatus]
@@ -96,11 +96,11 @@ class Status(msgspec.Struct, kw_only=True):
 class UIPlugin(InitPlugin):
     def __init__(self, settings: Settings, reader: Any) -> None:
         self.settings = settings
+        """The start-up settings; a reload's live config (app.state.live_config) takes over from them."""
         self.sampler = Sampler(reader, settings.ui.sample_s, settings.ui.window_s)
-        self.admins = frozenset(key.name for key in settings.auth.keys if key.admin)
         self.started_at = time.time()
         self.started = time.monotonic()
-        self.digest = hashlib.sha256(msgspec.json.encode(settings)).hexdigest()[:12]
+        self._digested: tuple[Settings, str] | None = None
         self.links = Links(
             metrics="/metrics" if settings.telemetry.prometheus else None,
             chat="/v1/chat/completions" if settings.routes.openai else None,
@@ -114,9 +114,12 @@ class UIPlugin(InitPlugin):
             return Response(page, media_type="text/html", headers=PAGE_HEADERS)
 
         @get("/ui/status", sync_to_thread=False, tags=["Status"])
-        def ui_status(registry: NamedDependency[EngineRegistry]) -> Status:
+        def ui_status(request: Request, registry: NamedDependency[EngineRegistry]) -> Status:
             """The status page's figures: models, traffic over the last [ui] window_s, keys, configuration."""
-            return self.status(registry)
+            live = request.app.state.get("live_config")
+            if live is None:
+                return self.status(registry, self.settings, None)
+            return self.status(registry, live.settings, live.generation)
 
         assets = create_static_files_router(
             "/ui/assets", directories=[STATIC], opt=PUBLIC, include_in_schema=False, name="ui-assets"
@@ -140,29 +143,36 @@ class UIPlugin(InitPlugin):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def status(self, registry: EngineRegistry) -> Status:
+    def status(self, registry: EngineRegistry, settings: Settings, generation: int | None) -> Status:
         caller = current_caller.get()
-        admin = caller is None or caller.name in self.admins
+        admin = caller is None or any(key.admin and key.name == caller.name for key in settings.auth.keys)
         traffic, keys = self.sampler.figures()
-        names = ([key.name for key in self.settings.auth.keys] or sorted(keys)) if admin else [caller.name]
+        names = ([key.name for key in settings.auth.keys] or sorted(keys)) if admin else [caller.name]
         return Status(
             version=__version__,
             started_at=self.started_at,
             uptime_s=round(time.monotonic() - self.started, 1),
-            config_digest=self.digest,
-            config_generation=getattr(registry, "generation", None),
+            config_digest=self._digest(settings),
+            config_generation=generation,
             status=_overall(registry),
-            models=[self._model(registry, name, engine) for name, engine in registry],
+            models=[self._model(registry, settings, name, engine) for name, engine in registry],
             traffic=traffic,
             keys=[keys.get(name) or KeyUsage(name, 0, 0, 0) for name in dict.fromkeys(names)],
             admin=admin,
             links=self.links,
         )
 
-    def _model(self, registry: EngineRegistry, name: str, engine: Any) -> ModelStatus:
+    def _digest(self, settings: Settings) -> str:
+        """sha256 of the settings in force, computed once per generation (a reload replaces the object)."""
+        if self._digested is None or self._digested[0] is not settings:
+            self._digested = (settings, hashlib.sha256(msgspec.json.encode(settings)).hexdigest()[:12])
+        return self._digested[1]
+
+    def _model(self, registry: EngineRegistry, settings: Settings, name: str, engine: Any) -> ModelStatus:
         load, stats, info = registry.load_state(name), engine.stats(), engine.info
-        model = next(m for m in self.settings.models if m.name == name)
-        backend = self.settings.backends[model.backend]
+        # A model a reload removed may still drain here: it is no longer in the settings.
+        model = next((m for m in settings.models if m.name == name), None)
+        backend = settings.backends.get(model.backend) if model else None
         capacity = getattr(backend, "max_batch_size", None) or getattr(backend, "max_num_seqs", None)
         running = _number(stats.get("running"))
         return ModelStatus(
