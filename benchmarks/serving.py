@@ -13,8 +13,9 @@
     # any running server:
     python benchmarks/serving.py --base-url http://127.0.0.1:8000/v1 --model tiny -c 16
 
-    # the cost of tools and thinking on MLX: the same load with and without `tools` (a model that calls tools and
-    # thinks, e.g. the test model of examples/make_agent_model.py), alternating rounds on one server:
+    # the cost of tools and thinking on MLX (a model that calls tools and thinks, e.g. the test model of
+    # examples/make_agent_model.py): chat with `tools` against the same rendered prompts on /v1/completions (the
+    # same tokens in and out, nothing parsed) and against the same messages without `tools`, alternating rounds:
     python benchmarks/serving.py --model-path models/agent --ours --tools -c 16 --rounds 5
 
     # the workloads of agents and RAG apps, ours beside mlx_lm.server and vllm-mlx, alternating rounds, C=1/16/64:
@@ -106,6 +107,7 @@ class Result:
     ttft: float = 0.0
     itl: list[float] = field(default_factory=list)
     tokens: int = 0
+    prompt_tokens: int = 0
     error: str | None = None
     retries: int = 0
     text: str = ""
@@ -125,7 +127,13 @@ TOOLS = [
 
 
 async def one_request(
-    client: httpx.AsyncClient, url: str, model: str, prompt: str | list, max_tokens: int, extra: dict | None = None
+    client: httpx.AsyncClient,
+    url: str,
+    model: str,
+    prompt: str | list,
+    max_tokens: int,
+    extra: dict | None = None,
+    completions: bool = False,
 ) -> Result:
     """One streamed request. A connection that fails before any byte arrives is retried (mlx_lm.server's
     http.server drops connections beyond its small listen backlog); the wait counts in TTFT, and retries are
@@ -133,7 +141,7 @@ async def one_request(
     started = time.perf_counter()
     for attempt in range(5):
         try:
-            result = await _stream_once(client, url, model, prompt, max_tokens, started, extra)
+            result = await _stream_once(client, url, model, prompt, max_tokens, started, extra, completions)
             result.retries = attempt
             return result
         except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError) as exc:
@@ -149,11 +157,17 @@ async def _stream_once(
     max_tokens: int,
     started: float,
     extra: dict | None,
+    completions: bool = False,
 ) -> Result:
+    """A chat request, or with `completions` a /v1/completions request of the text `prompt`."""
+    if completions:
+        sent: dict = {"prompt": prompt}
+    else:
+        sent = {"messages": [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt}
     body = {
         **(extra or {}),
         "model": model,
-        "messages": [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt,
+        **sent,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
@@ -162,7 +176,8 @@ async def _stream_once(
     result = Result()
     last = None
     chunks = 0
-    async with client.stream("POST", f"{url}/chat/completions", json=body) as response:
+    path = "/completions" if completions else "/chat/completions"
+    async with client.stream("POST", f"{url}{path}", json=body) as response:
         if response.status_code != 200:
             result.error = f"{response.status_code}: {(await response.aread())[:200]!r}"
             return result
@@ -172,8 +187,11 @@ async def _stream_once(
             event = json.loads(line[6:])
             if event.get("usage"):
                 result.tokens = event["usage"]["completion_tokens"]
+                result.prompt_tokens = event["usage"]["prompt_tokens"]
             choices = event.get("choices") or []
             delta = choices[0].get("delta", {}) if choices else {}
+            if completions and choices:
+                delta = {"content": choices[0].get("text")}
             if delta.get("content") or delta.get("reasoning") or delta.get("tool_calls"):
                 result.text += delta.get("content") or ""
                 now = time.perf_counter()
@@ -196,15 +214,17 @@ async def run_load(
     keep_alive: bool = False,
     extra: dict | None = None,
     workload: Workload | None = None,
+    texts: list[str] | None = None,
 ) -> dict:
+    """`texts`: prompt texts sent to /v1/completions instead of chat messages (request i sends texts[i])."""
     gate = asyncio.Semaphore(concurrency)
     # By default a new connection per request: mlx_lm.server closes its connections, and every target gets the same.
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency if keep_alive else 0)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
 
-        async def bounded(prompt: str) -> Result:
+        async def bounded(prompt: str | list) -> Result:
             async with gate:
-                return await one_request(client, url, model, prompt, max_tokens, extra)
+                return await one_request(client, url, model, prompt, max_tokens, extra, texts is not None)
 
         async def chat(i: int) -> list[Result]:
             """One multi-turn chat: each turn sends the earlier turns and their answers."""
@@ -224,6 +244,8 @@ async def run_load(
             requests = len(results)
         elif workload is not None:
             results = await asyncio.gather(*(bounded(workload.first(i)) for i in range(requests)))
+        elif texts is not None:
+            results = await asyncio.gather(*(bounded(texts[i % len(texts)]) for i in range(requests)))
         else:
             results = await asyncio.gather(*(bounded(p) for p in prompts(requests)))
         wall = time.perf_counter() - started
@@ -240,6 +262,8 @@ async def run_load(
         "itl_p50": percentile(itls, 50),
         "itl_p99": percentile(itls, 99),
         "retries": sum(r.retries for r in results),
+        "prompt_tokens": sum(r.prompt_tokens for r in results) / requests,
+        "output_tokens": sum(r.tokens for r in results) / requests,
     }
 
 
@@ -369,7 +393,7 @@ def _value(text: str):
 
 def show(name: str, c: int, figures: dict) -> None:
     print(
-        f"{name:<14} C={c:<3} {figures['req_s']:7.2f} req/s {figures['tok_s']:8.1f} tok/s  "
+        f"{name:<16} C={c:<3} {figures['req_s']:7.2f} req/s {figures['tok_s']:8.1f} tok/s  "
         f"TTFT p50 {figures['ttft_p50'] * 1000:7.1f} ms p99 {figures['ttft_p99'] * 1000:7.1f} ms  "
         f"ITL p50 {figures['itl_p50'] * 1000:6.1f} ms p99 {figures['itl_p99'] * 1000:6.1f} ms"
         + (f"  ({figures['retries']} reconnects)" if figures["retries"] else ""),
@@ -544,27 +568,54 @@ def print_comparison(table: dict, cells: list, names: list[str]) -> None:
 
 
 def tools_and_thinking(args: argparse.Namespace, levels: list[int]) -> None:
-    """The same prompts with and without `tools` on one server, in alternating order round by round; each cell
-    is the median round [min, max]."""
-    proc, url, model = start_ours(args.model_path, args.backend)
-    loads = {"no tools": None, "tools + thinking": {"tools": TOOLS}}
-    try:
-        asyncio.run(
-            run_load(url, model, 2 * max(levels), max(levels), args.max_tokens, extra=loads["tools + thinking"])
+    """Tools and thinking against two loads without them, on one server, in alternating order round by round;
+    each cell is the median round [min, max].
+
+    - `tools + thinking`: chat requests with `tools`; the model thinks and calls tools, the server parses both.
+    - `same tokens`: the very prompt the chat template renders for those requests, sent to /v1/completions, which
+      parses nothing: the same tokens in and, greedy, the same tokens out. The ratio to it is what the tool and
+      reasoning handling costs (template, parsers, the deltas they add).
+    - `no tools`: the same messages without `tools`: a shorter prompt (no tool schemas) and other answers, so its
+      ratio also holds what the model does differently.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_path)
+    n = args.requests or max(8 * max(levels), 32)
+    rendered = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tools=TOOLS, tokenize=False, add_generation_prompt=True
         )
+        for p in prompts(n)
+    ]
+    loads = {
+        "tools + thinking": {"extra": {"tools": TOOLS}},
+        "same tokens": {"texts": rendered},
+        "no tools": {},
+    }
+    proc, url, model = start_ours(args.model_path, args.backend)
+    try:
+        for load in loads.values():  # warm-up, not counted
+            asyncio.run(run_load(url, model, 2 * max(levels), max(levels), args.max_tokens, **load))
         for c in levels:
             runs: dict[str, list[dict]] = {name: [] for name in loads}
             for r in range(args.rounds):
-                for name in list(loads) if r % 2 == 0 else list(loads)[::-1]:
-                    n = args.requests or max(8 * c, 32)
-                    runs[name].append(asyncio.run(run_load(url, model, n, c, args.max_tokens, extra=loads[name])))
+                order = list(loads)[r % len(loads) :] + list(loads)[: r % len(loads)]
+                for name in order:
+                    count = args.requests or max(8 * c, 32)
+                    runs[name].append(asyncio.run(run_load(url, model, count, c, args.max_tokens, **loads[name])))
             for name, figures in runs.items():
-                show(name, c, {k: statistics.median(f[k] for f in figures) for k in figures[0]})
-            ratios = [t["tok_s"] / p["tok_s"] for t, p in zip(runs["tools + thinking"], runs["no tools"], strict=True)]
-            print(
-                f"C={c:<3} tok/s tools + thinking / no tools: {statistics.median(ratios):.3f}x "
-                f"[{min(ratios):.3f}, {max(ratios):.3f}] over {args.rounds} rounds"
-            )
+                median = {k: statistics.median(f[k] for f in figures) for k in figures[0]}
+                show(name, c, median)
+                print(f"{'':<14} {median['prompt_tokens']:.1f} prompt and {median['output_tokens']:.1f} output "
+                      "tokens per request")  # fmt: skip
+            for reference in ("same tokens", "no tools"):
+                pairs = zip(runs["tools + thinking"], runs[reference], strict=True)
+                ratios = [t["tok_s"] / p["tok_s"] for t, p in pairs]
+                print(
+                    f"C={c:<3} tok/s tools + thinking / {reference}: {statistics.median(ratios):.3f}x "
+                    f"[{min(ratios):.3f}, {max(ratios):.3f}] over {args.rounds} rounds"
+                )
     finally:
         proc.stop()
 

