@@ -294,6 +294,23 @@ def raw_ceiling(model_path: str, requests: int, max_tokens: int, workload: Workl
     return sum(len(t) for t in response.token_ids) / wall
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(group: int) -> float:
+    """User + system CPU time of every process in a process group (the server: the CLI and its granian workers),
+    from /proc: on a shared machine, CPU spent is steadier than wall-clock throughput."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[2]) == group:  # fields after the name: state, ppid, pgrp, ..., utime (11), stime (12)
+            total += int(fields[11]) + int(fields[12])
+    return total / TICK
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -603,19 +620,26 @@ def tools_and_thinking(args: argparse.Namespace, levels: list[int]) -> None:
                 order = list(loads)[r % len(loads) :] + list(loads)[: r % len(loads)]
                 for name in order:
                     count = args.requests or max(8 * c, 32)
-                    runs[name].append(asyncio.run(run_load(url, model, count, c, args.max_tokens, **loads[name])))
+                    before = cpu_seconds(proc.proc.pid)
+                    figures = asyncio.run(run_load(url, model, count, c, args.max_tokens, **loads[name]))
+                    spent = cpu_seconds(proc.proc.pid) - before
+                    figures["cpu_ms_per_token"] = 1000 * spent / (figures["output_tokens"] * count)
+                    runs[name].append(figures)
             for name, figures in runs.items():
                 median = {k: statistics.median(f[k] for f in figures) for k in figures[0]}
                 show(name, c, median)
-                print(f"{'':<14} {median['prompt_tokens']:.1f} prompt and {median['output_tokens']:.1f} output "
-                      "tokens per request")  # fmt: skip
-            for reference in ("same tokens", "no tools"):
-                pairs = zip(runs["tools + thinking"], runs[reference], strict=True)
-                ratios = [t["tok_s"] / p["tok_s"] for t, p in pairs]
                 print(
-                    f"C={c:<3} tok/s tools + thinking / {reference}: {statistics.median(ratios):.3f}x "
-                    f"[{min(ratios):.3f}, {max(ratios):.3f}] over {args.rounds} rounds"
+                    f"{'':<16} {median['prompt_tokens']:.1f} prompt and {median['output_tokens']:.1f} output tokens "
+                    f"per request; server CPU {median['cpu_ms_per_token']:.2f} ms per output token"
                 )
+            for reference in ("same tokens", "no tools"):
+                for figure, label in (("tok_s", "tok/s"), ("cpu_ms_per_token", "server CPU per token")):
+                    pairs = zip(runs["tools + thinking"], runs[reference], strict=True)
+                    ratios = [t[figure] / p[figure] for t, p in pairs]
+                    print(
+                        f"C={c:<3} {label} tools + thinking / {reference}: {statistics.median(ratios):.3f}x "
+                        f"[{min(ratios):.3f}, {max(ratios):.3f}] over {args.rounds} rounds"
+                    )
     finally:
         proc.stop()
 

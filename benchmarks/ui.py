@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import re
 import statistics
 import sys
@@ -33,25 +32,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving import Process, free_port, run_load
+from serving import Process, cpu_seconds, free_port, run_load
 
 POLL_S = 2.0
 """The page's own polling interval (ui.js POLL_MS)."""
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(group: int) -> float:
-    """User + system CPU time of every process in a process group (the server: the CLI and its granian workers),
-    from /proc: on a shared machine, CPU spent is steadier than wall-clock throughput."""
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # ended meanwhile
-        if int(fields[2]) == group:  # fields after the name: state, ppid, pgrp, ..., utime (11), stime (12)
-            total += int(fields[11]) + int(fields[12])
-    return total / TICK
 
 
 def start(model_path: str, ui: bool = True) -> tuple[Process, str]:
