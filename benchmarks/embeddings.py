@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving import Process, free_port, one_request, percentile
+from serving import Process, free_port, one_request, percentile, unwind_on_sigterm
 
 WORDS = [
     "return",
@@ -193,6 +193,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    unwind_on_sigterm()
     n, c, k = args.requests or 4 * args.concurrency, args.concurrency, args.inputs
     engine_args = {key: json.loads(v) if v[:1].isdigit() or v in ("true", "false") else v
                    for key, _, v in (a.partition("=") for a in args.engine_arg)}  # fmt: skip

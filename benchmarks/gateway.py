@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 
 import httpx
-from serving import Process, free_port, one_request, run_load, show, start_ours
+from serving import Process, free_port, one_request, run_load, show, start_ours, unwind_on_sigterm
 
 
 def start_gateway(upstream_url: str, model: str) -> tuple[Process, str, str]:
@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="direct/gateway run pairs per concurrency")
     parser.add_argument("--hop-requests", type=int, default=200, help="direct/gateway pairs sent one at a time")
     args = parser.parse_args()
+    unwind_on_sigterm()
     levels = args.concurrency or [16, 64]
 
     # A child inherits its parent's CPUs: pin this process to one half while starting the upstream.

@@ -311,6 +311,12 @@ def cpu_seconds(group: int) -> float:
     return total / TICK
 
 
+def unwind_on_sigterm() -> None:
+    """A SIGTERM (`timeout`, a CI limit, kill) unwinds like Ctrl-C, so the `finally` blocks stop the servers started
+    in their own process groups instead of leaving them running."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -455,8 +461,7 @@ def main() -> None:
     parser.add_argument("--tools", action="store_true", help="ours with and without tools, alternating rounds")
     parser.add_argument("--rounds", type=int, default=5, help="rounds for --tools")
     args = parser.parse_args()
-    # A SIGTERM (`timeout`, a CI limit) unwinds like Ctrl-C, so the servers started in their own groups are stopped.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    unwind_on_sigterm()
     levels = args.concurrency or [1, 16]
     if args.tools:
         tools_and_thinking(args, levels)

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving import start_ours
+from serving import start_ours, unwind_on_sigterm
 
 CHAT = {"model": "bench", "messages": [{"role": "user", "content": "Tell me about paths."}], "max_tokens": 32}
 BAD = [
@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("-c", "--concurrency", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=120, help="a request with no answer by then has hung")
     args = parser.parse_args()
+    unwind_on_sigterm()
     proc, url, _ = start_ours(args.model_path)
     try:
         code = asyncio.run(

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from serving import _value, run_load, show, start_ours
+from serving import _value, run_load, show, start_ours, unwind_on_sigterm
 
 
 def object_schema(properties: int, prefix: str = "field") -> dict:
@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE", help="for the vllm backend")
     parser.add_argument("--compile-repeats", type=int, default=10)
     args = parser.parse_args()
+    unwind_on_sigterm()
     args.concurrency = args.concurrency or [16]
     engine_args = {k: _value(v) for k, _, v in (a.partition("=") for a in args.engine_arg)}
 

@@ -32,7 +32,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving import Process, cpu_seconds, free_port, run_load
+from serving import Process, cpu_seconds, free_port, run_load, unwind_on_sigterm
 
 POLL_S = 2.0
 """The page's own polling interval (ui.js POLL_MS)."""
@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--ui-off", action="store_true", help="also a server with [routes] ui = false")
     args = parser.parse_args()
+    unwind_on_sigterm()
     args.requests = args.requests or max(8 * args.concurrency, 32)
     sys.stdout.reconfigure(line_buffering=True)  # figures as they come, even if a later part is cut short
 
