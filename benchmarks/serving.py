@@ -458,6 +458,13 @@ def main() -> None:
     )
     parser.add_argument("--turns", type=int, default=4, help="turns per chat of multi-turn")
     parser.add_argument("--alternate", type=int, default=2, help="rounds per cell for --workload, servers rotated")
+    parser.add_argument(
+        "--ours-field",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [backends] field for ours with --workload (e.g. max_batch_size=64)",
+    )
     parser.add_argument("--tools", action="store_true", help="ours with and without tools, alternating rounds")
     parser.add_argument("--rounds", type=int, default=5, help="rounds for --tools")
     args = parser.parse_args()
@@ -521,7 +528,8 @@ def side_by_side(args: argparse.Namespace, levels: list[int]) -> None:
     is given (multi-turn: C chats of --turns requests)."""
     starters = []
     if args.ours:
-        starters.append(("litestar-llm", lambda: start_ours(args.model_path)))
+        fields = {k: _value(v) for k, _, v in (a.partition("=") for a in args.ours_field)}
+        starters.append(("litestar-llm", lambda: start_ours(args.model_path, backend_fields=fields)))
     if args.mlx_lm:
         starters.append(("mlx_lm.server", lambda: start_mlx_lm(args.model_path)))
     if args.vllm_mlx:

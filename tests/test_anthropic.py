@@ -387,13 +387,14 @@ def test_too_large_body_is_413(client: anthropic.Anthropic) -> None:
 
 
 def test_a_client_that_leaves_frees_its_batch_slot(server: Server) -> None:
-    body = {"model": "tiny", "max_tokens": 1500, "messages": HELLO, "stream": True}
+    # Greedy: the tiny model's answer to HELLO runs for hundreds of tokens (sampled, it may end after a few).
+    body = {"model": "tiny", "max_tokens": 1500, "messages": HELLO, "stream": True, "temperature": 0}
     with httpx.stream("POST", f"{server.url}/v1/messages", json=body, headers=HEADERS) as r:
         for line in r.iter_lines():
             if line.startswith("event: content_block_delta"):
                 break
     server.wait_idle()
-    with pytest.raises(httpx.ReadTimeout):  # 1500 tokens take far longer than this on any machine
+    with pytest.raises(httpx.ReadTimeout):  # hundreds of tokens take far longer than this on any machine
         httpx.post(f"{server.url}/v1/messages", json={**body, "stream": False}, headers=HEADERS, timeout=0.3)
     server.wait_idle()
 

@@ -272,7 +272,7 @@ def test_tokens_per_minute_reserve_prompt_plus_max_tokens_exactly(deployment, to
 
 def test_concurrent_streams_are_capped_and_released(deployment) -> None:
     server, _, _ = deployment
-    body = {"model": "tiny", "prompt": "The", "max_tokens": 1500, "stream": True}
+    body = {"model": "tiny", "prompt": "The", "max_tokens": 1500, "temperature": 0, "stream": True}
     with httpx.Client(base_url=server.url, headers=bearer("streams"), timeout=60) as client:
         with (
             client.stream("POST", "/v1/completions", json=body) as one,
