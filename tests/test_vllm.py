@@ -29,10 +29,10 @@ except Exception as exc:  # installed but broken (e.g. a torchvision that does n
 import openai
 from conftest import VLLM_ENGINE_ARGS as ENGINE_ARGS
 from conftest import VLLM_ENV, Server, engine_args_toml, model_toml
+from conftest import VLLM_START_TIMEOUT as START_TIMEOUT
 
 HELLO = [{"role": "user", "content": "Tell me about JSON."}]
 PROMPT = "The meaning of"
-START_TIMEOUT = 600
 # An engine start (a minute alone on 2 cores) can take many under load: the first test's setup pays for it.
 pytestmark = pytest.mark.timeout(START_TIMEOUT + 300)
 

@@ -27,11 +27,11 @@ import ollama
 import openai
 from conftest import VLLM_EMBED_CONTEXT as CONTEXT
 from conftest import VLLM_ENGINE_ARGS, VLLM_ENV
+from conftest import VLLM_START_TIMEOUT as START_TIMEOUT
 from schemas import assert_openai_error
 from schemas import openai as openai_schema
 
 ENGINE_ARGS = {**VLLM_ENGINE_ARGS, "max_model_len": CONTEXT}  # as the shared server's "embed" model has them
-START_TIMEOUT = 600
 pytestmark = pytest.mark.timeout(START_TIMEOUT + 300)
 TEXTS = [
     "Return the JSON representation of an object.",

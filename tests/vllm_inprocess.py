@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from litestar_llm.engine.types import Delta, GenerationRequest
+from conftest import VLLM_ENGINE_ARGS as ENGINE_ARGS
+from conftest import VLLM_ENV
+from conftest import VLLM_START_TIMEOUT as START_TIMEOUT
 
-VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
-ENGINE_ARGS = {"max_model_len": 1024, "enforce_eager": True}
-START_TIMEOUT = 600
+from litestar_llm.engine.types import Delta, GenerationRequest
 
 
 class EngineLoop:
