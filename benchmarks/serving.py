@@ -20,7 +20,8 @@
 
     # the workloads of agents and RAG apps, ours beside mlx_lm.server and vllm-mlx, alternating rounds, C=1/16/64:
     # plain prompts, a shared 750-token system prompt, multi-turn chats, and long (1,900-token) prompts among
-    # short ones (ITL p99 shows whether running decodes keep flowing while a long prompt prefills)
+    # short ones (ITL p99 shows whether running decodes keep flowing while a long prompt prefills); --raw adds
+    # mlx-lm's own engine on the plain and prefix loads, the prefix prefilled once (the ceiling of any server on it)
     python benchmarks/serving.py --model-path models/tiny --ours --mlx-lm --vllm-mlx --raw -c 1 -c 16 -c 64 \
         --workload plain --workload prefix --workload multi-turn --workload mix --shared-prefix-tokens 750
 
@@ -275,10 +276,26 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-def raw_ceiling(model_path: str, requests: int, max_tokens: int, workload: Workload | None = None) -> float:
-    """mlx-lm's own batch_generate on the same prompts, no HTTP: the engine's output tokens/s (each prompt
-    prefilled whole: batch_generate shares no prefix)."""
+def shared_prefix(ids: list[list[int]]) -> int:
+    """How many leading tokens every prompt shares (never a whole prompt: its last token gives the first logits)."""
+    n = min(len(i) for i in ids) - 1
+    while n > 0 and any(i[:n] != ids[0][:n] for i in ids):
+        n -= 1
+    return n
+
+
+def raw_ceiling(
+    model_path: str, requests: int, max_tokens: int, workload: Workload | None = None, share_prefix: bool = False
+) -> float:
+    """mlx-lm's own batch_generate on the same prompts, no HTTP: the engine's output tokens/s. Each prompt is
+    prefilled whole (batch_generate shares no prefix), or with `share_prefix` the best any server on mlx-lm can do
+    with a shared system prompt: its prefix prefilled once, untimed, and each sequence starting from a copy of that
+    cache (so the figure is the decode steps over the longer context, plus each prompt's own suffix)."""
+    import copy
+
+    import mlx.core as mx
     from mlx_lm import batch_generate, load
+    from mlx_lm.models.cache import make_prompt_cache
 
     model, tokenizer = load(model_path)
     ids = [
@@ -288,10 +305,66 @@ def raw_ceiling(model_path: str, requests: int, max_tokens: int, workload: Workl
         for i, p in enumerate(prompts(requests))
     ]
     batch_generate(model, tokenizer, ids[:2], max_tokens=4)  # warm up
+    caches = None
+    if share_prefix:
+        shared = shared_prefix(ids)
+        prefix = make_prompt_cache(model)
+        mx.eval(model(mx.array([ids[0][:shared]]), cache=prefix))
+        mx.eval([c.state for c in prefix])
+        caches = [copy.deepcopy(prefix) for _ in ids]
+        ids = [i[shared:] for i in ids]
     started = time.perf_counter()
-    response = batch_generate(model, tokenizer, ids, max_tokens=max_tokens, return_token_ids=True)
+    response = batch_generate(model, tokenizer, ids, prompt_caches=caches, max_tokens=max_tokens, return_token_ids=True)
     wall = time.perf_counter() - started
     return sum(len(t) for t in response.token_ids) / wall
+
+
+def raw_continuous(
+    model_path: str, requests: int, concurrency: int, max_tokens: int, workload: Workload, share_prefix: bool
+) -> float:
+    """mlx-lm's BatchGenerator in process under the load the servers get: `requests` prompts, at most
+    `concurrency` in flight, a new one inserted as one finishes (so each join and each leave reshapes the batch's
+    KV cache, as in a server). With `share_prefix` every prompt starts from a copy of its shared prefix's cache,
+    prefilled once and untimed: the best any server on mlx-lm can do on a shared-prefix load."""
+    import copy
+
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, tokenizer = load(model_path)
+    ids = [tokenizer.apply_chat_template(workload.first(i), add_generation_prompt=True) for i in range(requests)]
+    shared, prefix = 0, None
+    if share_prefix:
+        shared = shared_prefix(ids)
+        prefix = make_prompt_cache(model)
+        mx.eval(model(mx.array([ids[0][:shared]]), cache=prefix))
+        mx.eval([c.state for c in prefix])
+    eos = [[t] for t in sorted(tokenizer.eos_token_ids)]
+    generator = BatchGenerator(model, stop_tokens=eos, completion_batch_size=32, prefill_batch_size=3)
+
+    def insert(i: int) -> None:
+        caches = [copy.deepcopy(prefix)] if prefix is not None else None
+        generator.insert([ids[i][shared:]], max_tokens=[max_tokens], caches=caches)
+
+    tokens, submitted, finished = 0, 0, 0
+    started = time.perf_counter()
+    while submitted < min(concurrency, requests):
+        insert(submitted)
+        submitted += 1
+    while finished < requests:
+        _, responses = generator.next()
+        for r in responses:
+            tokens += 1
+            if r.finish_reason is not None:
+                finished += 1
+                if submitted < requests:
+                    insert(submitted)
+                    submitted += 1
+    wall = time.perf_counter() - started
+    generator.close()
+    return tokens / wall
 
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -567,6 +640,18 @@ def side_by_side(args: argparse.Namespace, levels: list[int]) -> None:
             if workload.name in ("plain", "prefix"):
                 figure = raw_ceiling(args.model_path, c, args.max_tokens, workload)
                 print(f"raw mlx-lm {workload.name} C={c:<3} {figure:26.1f} tok/s", flush=True)
+            if workload.name == "prefix":
+                figure = raw_ceiling(args.model_path, c, args.max_tokens, workload, share_prefix=True)
+                print(f"raw mlx-lm prefix, prefilled once C={c:<3} {figure:12.1f} tok/s", flush=True)
+                # The servers' load in process: what mlx-lm's engine itself keeps of its plain throughput.
+                n = args.requests or max(c, 16)
+                plain = raw_continuous(args.model_path, n, c, args.max_tokens, Workload("plain"), False)
+                shared = raw_continuous(args.model_path, n, c, args.max_tokens, workload, True)
+                print(
+                    f"raw BatchGenerator, {n} requests at C={c}: plain {plain:.1f} tok/s, prefix prefilled once "
+                    f"{shared:.1f} tok/s: {shared / plain:.2f}x",
+                    flush=True,
+                )
     print_comparison(table, cells, [name for name, *_ in servers])
 
 
