@@ -276,12 +276,19 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-def shared_prefix(ids: list[list[int]]) -> int:
-    """How many leading tokens every prompt shares (never a whole prompt: its last token gives the first logits)."""
-    n = min(len(i) for i in ids) - 1
-    while n > 0 and any(i[:n] != ids[0][:n] for i in ids):
-        n -= 1
-    return n
+def prefilled_prefix(model, ids: list[list[int]]) -> tuple[int, list]:
+    """The leading tokens every prompt shares (never a whole prompt: its last token gives the first logits) and
+    their KV cache, prefilled once."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from litestar_llm.engine.mlx_prefix import common_prefix
+
+    shared = min(min(common_prefix(ids[0], other) for other in ids), min(len(i) for i in ids) - 1)
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([ids[0][:shared]]), cache=cache))
+    mx.eval([c.state for c in cache])
+    return shared, cache
 
 
 def raw_ceiling(
@@ -293,9 +300,7 @@ def raw_ceiling(
     cache (so the figure is the decode steps over the longer context, plus each prompt's own suffix)."""
     import copy
 
-    import mlx.core as mx
     from mlx_lm import batch_generate, load
-    from mlx_lm.models.cache import make_prompt_cache
 
     model, tokenizer = load(model_path)
     ids = [
@@ -307,10 +312,7 @@ def raw_ceiling(
     batch_generate(model, tokenizer, ids[:2], max_tokens=4)  # warm up
     caches = None
     if share_prefix:
-        shared = shared_prefix(ids)
-        prefix = make_prompt_cache(model)
-        mx.eval(model(mx.array([ids[0][:shared]]), cache=prefix))
-        mx.eval([c.state for c in prefix])
+        shared, prefix = prefilled_prefix(model, ids)
         caches = [copy.deepcopy(prefix) for _ in ids]
         ids = [i[shared:] for i in ids]
     started = time.perf_counter()
@@ -328,21 +330,23 @@ def raw_continuous(
     prefilled once and untimed: the best any server on mlx-lm can do on a shared-prefix load."""
     import copy
 
-    import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.generate import BatchGenerator
-    from mlx_lm.models.cache import make_prompt_cache
+
+    from litestar_llm.config import MLXBackendConfig
 
     model, tokenizer = load(model_path)
     ids = [tokenizer.apply_chat_template(workload.first(i), add_generation_prompt=True) for i in range(requests)]
-    shared, prefix = 0, None
-    if share_prefix:
-        shared = shared_prefix(ids)
-        prefix = make_prompt_cache(model)
-        mx.eval(model(mx.array([ids[0][:shared]]), cache=prefix))
-        mx.eval([c.state for c in prefix])
+    shared, prefix = prefilled_prefix(model, ids) if share_prefix else (0, None)
     eos = [[t] for t in sorted(tokenizer.eos_token_ids)]
-    generator = BatchGenerator(model, stop_tokens=eos, completion_batch_size=32, prefill_batch_size=3)
+    ours = MLXBackendConfig()  # our server's batch settings, so only the server around the engine differs
+    generator = BatchGenerator(
+        model,
+        stop_tokens=eos,
+        completion_batch_size=ours.max_batch_size,
+        prefill_batch_size=ours.prefill_batch_size,
+        prefill_step_size=ours.prefill_step_size,
+    )
 
     def insert(i: int) -> None:
         caches = [copy.deepcopy(prefix)] if prefix is not None else None
